@@ -1,0 +1,1 @@
+"""detrkit: DETR, faithful and fast."""
