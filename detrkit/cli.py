@@ -1,0 +1,43 @@
+"""The `detrkit` command. Each feature module registers its own subcommands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# module -> it defines `register(subparsers)`; each registered parser sets `func(args) -> int`
+_COMMAND_MODULES = (
+    "detrkit.data.commands",      # data synth | check | convert
+    "detrkit.engine.commands",    # train, eval
+    "detrkit.predict_command",    # predict
+    "detrkit.viz.commands",       # viz queries | attention | curves
+    "detrkit.export.commands",    # export onnx | hf
+    "detrkit.bench",              # bench
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detrkit", description="DETR: train, evaluate, predict, visualise.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # feature not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
