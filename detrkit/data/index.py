@@ -1,0 +1,93 @@
+"""A format-neutral description of a detection dataset: images, boxes, categories.
+
+Every format reader (COCO JSON, YOLO, Pascal VOC) produces a `DatasetIndex`; the training dataset,
+the checker, the converter and the evaluator consume it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ImageRecord:
+    id: int
+    file: Path  # absolute path of the image file
+    width: int | None = None  # as declared by the annotations (None when the format has no size)
+    height: int | None = None
+
+
+@dataclass
+class Annotation:
+    id: int
+    image_id: int
+    category_id: int
+    bbox: list[float]  # xywh in pixels of the upright image
+    iscrowd: int = 0
+    area: float | None = None
+
+
+@dataclass
+class Problem:
+    """Something wrong in a dataset. severity: "error" (unusable) or "warning"."""
+
+    severity: str
+    where: str  # the file (and line / id) it concerns
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.where}: {self.message}"
+
+
+@dataclass
+class DatasetIndex:
+    images: list[ImageRecord]
+    annotations: list[Annotation]
+    categories: list[tuple[int, str]]  # (dataset category id, name), sorted by id
+    source: Path
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def category_ids(self) -> list[int]:
+        return [cid for cid, _ in self.categories]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [name for _, name in self.categories]
+
+    @property
+    def category_to_index(self) -> dict[int, int]:
+        """Dataset category id -> contiguous class index 0..C-1 (sorted by id)."""
+        return {cid: i for i, (cid, _) in enumerate(self.categories)}
+
+    def annotations_by_image(self) -> dict[int, list[Annotation]]:
+        by_image: dict[int, list[Annotation]] = {im.id: [] for im in self.images}
+        for ann in self.annotations:
+            by_image.setdefault(ann.image_id, []).append(ann)
+        return by_image
+
+    def to_coco(self, relative_to: Path | None = None) -> dict:
+        """COCO instances JSON (file_name relative to `relative_to` when given)."""
+        def name(p: Path) -> str:
+            if relative_to is not None:
+                try:
+                    return str(Path(p).resolve().relative_to(Path(relative_to).resolve()))
+                except ValueError:
+                    pass
+            return str(p)
+
+        return {
+            "images": [
+                {"id": im.id, "file_name": name(im.file), "width": im.width, "height": im.height}
+                for im in self.images
+            ],
+            "annotations": [
+                {
+                    "id": a.id, "image_id": a.image_id, "category_id": a.category_id,
+                    "bbox": [float(v) for v in a.bbox], "iscrowd": int(a.iscrowd),
+                    "area": float(a.area if a.area is not None else a.bbox[2] * a.bbox[3]),
+                }
+                for a in self.annotations
+            ],
+            "categories": [{"id": cid, "name": n} for cid, n in self.categories],
+        }
