@@ -28,19 +28,19 @@ class MLP(nn.Module):
 
 
 def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Zero-pad [3,H_i,W_i] images bottom/right to the batch max.
+    """Zero-pad [C,H_i,W_i] images (or feature maps) bottom/right to the batch max.
 
-    -> images [B,3,H,W], mask [B,H,W] (True on padding).
+    -> batch [B,C,H,W], mask [B,H,W] (True on padding).
     """
     if len(images) == 0:
         raise ValueError("pad_images: empty list of images")
     for i, im in enumerate(images):
-        if im.dim() != 3 or im.shape[0] != 3:
-            raise ValueError(f"image {i}: expected a [3,H,W] tensor, got shape {tuple(im.shape)}")
+        if im.dim() != 3 or im.shape[0] != images[0].shape[0]:
+            raise ValueError(f"image {i}: expected a [C,H,W] tensor with C={images[0].shape[0]}, got shape {tuple(im.shape)}")
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     ref = images[0]
-    batch = ref.new_zeros((len(images), 3, h, w))
+    batch = ref.new_zeros((len(images), ref.shape[0], h, w))
     mask = torch.ones((len(images), h, w), dtype=torch.bool, device=ref.device)
     for i, im in enumerate(images):
         batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
@@ -76,14 +76,30 @@ class DETR(nn.Module):
         self.bbox_embed = MLP(d, d, 4, 3)
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
-                return_attention: bool = False) -> dict:
+                return_attention: bool = False, batch_invariant: bool = False) -> dict:
+        """See the class docstring. batch_invariant (list input only): run the backbone on each image
+        unpadded and pad the feature maps instead, so every image gets exactly its batch-of-one result
+        (zero padding otherwise leaks into the convolutions near the border)."""
         if isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
-            images, mask = pad_images(images)
-        elif mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        features, fmask = self.backbone(images, mask)
+            if batch_invariant:
+                features, fmask = self._features_per_image(images)
+            else:
+                images, mask = pad_images(images)
+                features, fmask = self.backbone(images, mask)
+        else:
+            if mask is None:
+                mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+            features, fmask = self.backbone(images, mask)
+        return self._forward_features(features, fmask, return_attention)
+
+    def _features_per_image(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        feats = [self.backbone.body(im[None])[0] for im in images]
+        padded, fmask = pad_images(feats)
+        return padded, fmask
+
+    def _forward_features(self, features: Tensor, fmask: Tensor, return_attention: bool) -> dict:
         pos = self.position(fmask).to(features.dtype).flatten(2).transpose(1, 2)  # [B,N,d]
         src = self.input_proj(features).flatten(2).transpose(1, 2)  # [B,N,d]
         # An all-False mask changes nothing; dropping it lets attention use the unmasked fast path.
