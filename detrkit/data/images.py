@@ -1,0 +1,155 @@
+"""Reading image files the way the rest of detrkit expects them: 8-bit RGB, upright.
+
+Whatever the file holds (grayscale, alpha, palette with transparency, CMYK, 16-bit, EXIF-rotated),
+`load_image` returns an RGB `PIL.Image` whose pixels match the boxes annotated on the upright picture.
+Every failure is an `ImageError` that names the file and says what is wrong with it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# Pillow refuses images above ~179 Mpx as decompression bombs; real datasets (aerial, slide scans)
+# have such images, so we load them with a warning and only refuse absurd sizes.
+MAX_PIXELS = 1_500_000_000
+_PILLOW_WARN_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# EXIF orientations 5..8 swap width and height
+_ORIENTATION_TAG = 0x0112
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+_open_lock = threading.Lock()
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageError(path, "file not found")
+    if not path.is_file():
+        raise ImageError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily (header only) with Pillow's bomb limit lifted; enforce our own cap instead."""
+    with _open_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        except UnidentifiedImageError:
+            raise ImageError(path, "not an image file (or a format Pillow cannot read)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(path, f"cannot read image header: {e}") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        im.close()
+        raise ImageError(path, f"invalid image size {w}x{h}")
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ImageError(path, f"image of {w}x{h} = {w * h / 1e6:.0f} Mpx exceeds the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+    if w * h > _PILLOW_WARN_PIXELS:
+        log.warning("%s: very large image (%dx%d = %.0f Mpx); loading it anyway", path, w, h, w * h / 1e6)
+    return im
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # broken EXIF must not make an otherwise good image unusable
+        return 1
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the upright image, read from the header only (no pixel decode)."""
+    path = Path(path)
+    _check_file(path)
+    im = _open(path)
+    try:
+        w, h = im.size
+        if _orientation(im) in _SWAPPING_ORIENTATIONS:
+            w, h = h, w
+        return w, h
+    finally:
+        im.close()
+
+
+def _to_8bit_gray(im: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float grayscale to 0..255 (Pillow's convert would clip at 255)."""
+    a = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PNG", "TIFF") and a.max(initial=0) <= 65535
+                                      and a.min(initial=0) >= 0 and a.max(initial=0) > 255):
+        a = a.astype(np.float64) / 257.0  # 65535 -> 255 exactly
+    elif im.mode == "F" or a.min(initial=0) < 0 or a.max(initial=0) > 255:
+        a = a.astype(np.float64)
+        finite = np.isfinite(a)
+        lo, hi = (a[finite].min(), a[finite].max()) if finite.any() else (0.0, 1.0)
+        if lo >= 0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0  # float images in [0, 1]
+        a = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12) * 255.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "P":
+        has_alpha = "transparency" in im.info or (im.palette is not None and im.palette.mode == "RGBA")
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # transparent pixels become black: a fixed, neutral choice independent of what the file stored there
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return im
+    if mode.startswith("I") or mode == "F":
+        return _to_8bit_gray(im).convert("RGB")
+    try:
+        return im.convert("RGB")  # L, 1, CMYK, YCbCr, HSV, ...
+    except ValueError:
+        return im.convert("RGBA").convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully into an upright 8-bit RGB `PIL.Image`.
+
+    Raises `ImageError` for a missing, empty, unreadable, truncated or absurdly large file.
+    """
+    path = Path(path)
+    _check_file(path)
+    im = _open(path)
+    try:
+        im.load()  # force the full decode here so corrupt data fails now, with the file's name
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        im.close()
+        raise ImageError(path, f"corrupt or truncated image data ({e})") from e
+    except MemoryError as e:
+        im.close()
+        raise ImageError(path, "not enough memory to decode the image") from e
+    try:
+        orientation = _orientation(im)
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
+        rgb = _to_rgb(im)
+    except (OSError, ValueError) as e:
+        raise ImageError(path, f"cannot convert image (mode {im.mode}) to RGB: {e}") from e
+    return rgb
