@@ -1,0 +1,129 @@
+"""Drawing detections on an image: boxes, class names and scores that stay readable on any photo.
+
+Each class gets a colour from a qualitative palette; a label is text on a filled tag of the class
+colour, in black or white, whichever contrasts more with the tag (WCAG relative luminance). Every box
+has a thin dark-and-light edge, so it shows on bright and dark backgrounds alike. Line width and font
+size scale with the image.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# A qualitative palette (the 10 Tableau colours, then 10 lighter/darker companions): neighbouring
+# class indices get clearly different hues.
+_PALETTE_HEX = (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+    "#9c755f", "#bab0ac", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+)
+PALETTE: tuple[tuple[int, int, int], ...] = tuple(
+    (int(h[1:3], 16), int(h[3:5], 16), int(h[5:7], 16)) for h in _PALETTE_HEX
+)
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """The RGB colour of contiguous class index `label` (cycles through `PALETTE`)."""
+    return PALETTE[int(label) % len(PALETTE)]
+
+
+def _luminance(rgb: Sequence[int]) -> float:
+    def lin(c: float) -> float:
+        c = c / 255.0
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(c) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def text_colour(background: Sequence[int]) -> tuple[int, int, int]:
+    """Black or white, whichever has the higher WCAG contrast ratio against `background` (RGB)."""
+    lum = _luminance(background)
+    contrast_black = (lum + 0.05) / 0.05
+    contrast_white = 1.05 / (lum + 0.05)
+    return (0, 0, 0) if contrast_black >= contrast_white else (255, 255, 255)
+
+
+def line_width_for(size: tuple[int, int]) -> int:
+    """Box line width in pixels for an image of `size` (w, h): about 0.4% of the mean side, at least 2."""
+    return max(2, round(0.004 * (size[0] + size[1]) / 2))
+
+
+def font_size_for(size: tuple[int, int]) -> int:
+    """Label font size in pixels for an image of `size` (w, h): about 2.5% of the shorter side, at least 11."""
+    return max(11, round(0.025 * min(size)))
+
+
+@lru_cache(maxsize=32)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def format_label(name: str | None, score: float | None) -> str:
+    parts = [p for p in (name, None if score is None else f"{float(score):.2f}") if p]
+    return " ".join(parts)
+
+
+def draw_detections(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray | None = None,
+    names: Sequence[str] | None = None,
+    *,
+    line_width: int | None = None,
+    font_size: int | None = None,
+) -> Image.Image:
+    """Draw boxes with class-coloured labels on a copy of `image` (returned as RGB, same size).
+
+    boxes [K,4] xyxy pixels of `image`; labels [K] contiguous class indices (they pick the colour);
+    scores [K] or None; names: class names indexed by label (None: the label number is shown).
+    Boxes are drawn largest first so small boxes and their labels stay on top.
+    """
+    out = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(labels) != len(boxes):
+        raise ValueError(f"draw_detections: {len(boxes)} boxes but {len(labels)} labels")
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if len(scores) != len(boxes):
+            raise ValueError(f"draw_detections: {len(boxes)} boxes but {len(scores)} scores")
+    w, h = out.size
+    lw = line_width or line_width_for(out.size)
+    font = _font(font_size or font_size_for(out.size))
+    draw = ImageDraw.Draw(out)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = np.argsort(-area, kind="stable")
+    for i in order:
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        x0, x1 = max(0.0, min(x0, x1)), min(w - 1.0, max(x0, x1))
+        y0, y1 = max(0.0, min(y0, y1)), min(h - 1.0, max(y0, y1))
+        colour = class_colour(labels[i])
+        # thin dark outline outside and a light one inside: the coloured line reads on any background
+        draw.rectangle((x0 - lw, y0 - lw, x1 + lw, y1 + lw), outline=(0, 0, 0), width=1)
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=lw)
+        label = labels[i]
+        name = names[label] if names is not None and 0 <= label < len(names) else str(int(label))
+        text = format_label(name, None if scores is None else scores[i])
+        _draw_tag(draw, text, (x0, y0, x1, y1), colour, font, lw, (w, h))
+    return out
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, text: str, box: tuple[float, float, float, float],
+              colour: tuple[int, int, int], font, lw: int, size: tuple[int, int]) -> None:
+    """A filled tag with the text, above the box's top-left corner (inside the box when there is no room)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, lw // 2 + 1)
+    tw, th = right - left + 2 * pad, bottom - top + 2 * pad
+    x0, y0 = box[0], box[1]
+    ty = y0 - th if y0 - th >= 0 else y0  # above the box, else just inside its top edge
+    tx = min(max(0.0, x0 - lw / 2), max(0.0, size[0] - tw))
+    draw.rectangle((tx, ty, tx + tw, ty + th), fill=colour)
+    draw.text((tx + pad - left, ty + pad - top), text, fill=text_colour(colour), font=font)
