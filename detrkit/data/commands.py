@@ -42,8 +42,18 @@ def add_synth_command(data_sub) -> None:
     p.set_defaults(func=_run_synth)
 
 
+def add_check_command(data_sub) -> None:
+    from .check import add_check_parser
+    add_check_parser(data_sub)
+
+
+def add_convert_command(data_sub) -> None:
+    from .formats import add_convert_parser
+    add_convert_parser(data_sub)
+
+
 # each adds one `detrkit data <name>` subcommand to the data subparsers
-DATA_COMMANDS: list[Callable] = [add_synth_command]
+DATA_COMMANDS: list[Callable] = [add_synth_command, add_check_command, add_convert_command]
 
 
 def register(sub) -> None:
