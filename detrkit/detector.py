@@ -1,0 +1,167 @@
+"""`Detector`: a DETR model with its config, ready to load weights and detect objects."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from .config import ModelConfig
+from .model import DETR, build_model
+from .postprocess import Detections, postprocess
+from .weights import authors, huggingface, hub, native
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def inference_size(h: int, w: int, size: int, max_size: int | None) -> tuple[int, int]:
+    """The authors' rule: shorter side -> size, unless the longer side would pass max_size."""
+    short, long = min(h, w), max(h, w)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def _as_float_image(image: Any) -> Tensor:
+    """path | PIL | numpy HWC/HW | tensor CHW/HW (uint8 or float in [0,1]) -> float [3,H,W] in [0,1]."""
+    if isinstance(image, (str, Path)):
+        from .data.images import load_image  # upright (EXIF), RGB, robust to odd modes
+
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        return TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+    if isinstance(image, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(image))
+        t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+    elif isinstance(image, Tensor):
+        t = image[None] if image.dim() == 2 else image
+    else:
+        raise TypeError(f"cannot use an image of type {type(image).__name__}")
+    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected an image [3,H,W] / [H,W,3] / [H,W], got shape {tuple(t.shape)}")
+    t = t[:3] if t.shape[0] != 1 else t.expand(3, -1, -1)
+    if t.dtype == torch.uint8:
+        return t.float() / 255
+    if not t.is_floating_point():
+        raise ValueError(f"integer images must be uint8, got {t.dtype}")
+    return t.float()
+
+
+class Detector:
+    """Load weights, detect objects.
+
+    >>> det = Detector.from_pretrained("detr-r50")
+    >>> [result] = det.predict("street.jpg", threshold=0.7)
+    >>> result.boxes, result.scores, result.label_names
+    """
+
+    def __init__(self, model: DETR, config: ModelConfig | None = None, device: str | torch.device = "cpu",
+                 amp: str = "none"):
+        self.model = model.eval().to(device)
+        self.config = config or model.cfg
+        self.device = torch.device(device)
+        self.amp = amp
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, **kwargs) -> "Detector":
+        return cls(build_model(config), config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", *,
+                        dilation: bool | None = None, amp: str = "none") -> "Detector":
+        """A native dir/.safetensors, an authors' .pth, a Hugging Face dir, or a published name."""
+        sd, cfg = load_weights(source, dilation=dilation)
+        model = build_model(cfg)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{source}: weights do not fit the model: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+        return cls(model, cfg, device=device, amp=amp)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        return native.save_native(self.model.state_dict(), self.config, path)
+
+    def export_huggingface(self, out_dir: str | Path) -> Path:
+        return huggingface.save_huggingface(self.model.state_dict(), self.config, out_dir)
+
+    # ---- inference ----------------------------------------------------------------------------
+    def preprocess(self, images: Any) -> tuple[list[Tensor], list[tuple[int, int]]]:
+        """-> ImageNet-normalised [3,h,w] tensors at inference size, and the original (h, w) sizes."""
+        tensors, sizes = [], []
+        for image in _as_list(images):
+            t = _as_float_image(image)
+            h, w = t.shape[-2:]
+            size = inference_size(h, w, self.config.image_size, self.config.max_image_size)
+            if size != (h, w):
+                t = TF.resize(t, list(size), antialias=True)
+            tensors.append(TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD).to(self.device))
+            sizes.append((h, w))
+        return tensors, sizes
+
+    @torch.no_grad()
+    def predict(self, images: Any, threshold: float | None = 0.5, top_k: int | None = None,
+                batch_size: int = 4) -> list[Detections]:
+        """One `Detections` per image (boxes in pixels of the original image). Results do not depend
+        on batch_size: each image is computed as if alone."""
+        items = _as_list(images)
+        results: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            tensors, sizes = self.preprocess(items[start: start + batch_size])
+            with self._autocast():
+                out = self.model(tensors, batch_invariant=True)
+            for r, size in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes):
+                labels = r["labels"].cpu()
+                results.append(Detections(
+                    boxes=r["boxes"].cpu(), scores=r["scores"].cpu(), labels=labels,
+                    category_ids=[self.config.category_ids[i] for i in labels.tolist()],
+                    label_names=[self.config.class_names[i] for i in labels.tolist()],
+                    image_size=size,
+                ))
+        return results
+
+    def _autocast(self):
+        if self.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _as_list(images: Any) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, Tensor) and images.dim() == 4:
+        return list(images)
+    return [images]
+
+
+def load_weights(source: str | Path, dilation: bool | None = None) -> tuple[dict[str, Tensor], ModelConfig]:
+    """Any supported weights -> (our state dict, ModelConfig). Never unpickles code."""
+    if isinstance(source, str) and source in hub.PUBLISHED and not Path(source).exists():
+        path = hub.published_path(source)
+        if dilation is None:
+            dilation = "dc5" in source
+        return authors.load_authors(path, dilation=dilation)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory, and not a published model name "
+                                f"({', '.join(sorted(hub.PUBLISHED))})")
+    if path.is_dir():
+        if native.is_native(path):
+            return native.load_native(path)
+        if huggingface.is_huggingface_dir(path):
+            return huggingface.load_huggingface(path)
+        raise ValueError(f"{path}: neither a detrkit directory (model.safetensors + config.json) "
+                         "nor a Hugging Face DETR directory (config.json with model_type 'detr')")
+    if path.suffix == ".safetensors":
+        return native.load_native(path)
+    return authors.load_authors(path, dilation=dilation)

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Keep the suite light on the 2-core machines it runs on.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def shared_data(name: str) -> str:
+    """Path of a development data set beside the checkout; the test skips when it is absent."""
+    path = os.path.abspath(os.path.join(SHARED, name))
+    if not os.path.isdir(path):
+        pytest.skip(f"{path} not present")
+    return path

@@ -1,0 +1,247 @@
+"""The model against the paper's facts and Hugging Face transformers' DetrForObjectDetection."""
+import math
+
+import pytest
+import torch
+
+from detrkit import Detector, ModelConfig, build_model, get_preset
+from detrkit.model.detr import pad_images
+from detrkit.model.position import PositionEmbeddingSine
+from detrkit.weights import authors, huggingface, native
+from detrkit.weights.coco_names import authors_class_names
+
+transformers = pytest.importorskip("transformers")
+
+
+def _randomise_frozen_bn(model: torch.nn.Module) -> None:
+    """Frozen BN buffers start as identity; random values make the backbone comparison meaningful."""
+    g = torch.Generator().manual_seed(1)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_var"):
+            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+        elif name.endswith(("running_mean", "bias")) and "bn" in name or "downsample.1" in name:
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+        elif name.endswith("weight"):
+            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+
+
+def _hf_model(backbone: str, dilation: bool, num_labels: int = 91):
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    cfg = DetrConfig(use_timm_backbone=True, backbone=backbone, use_pretrained_backbone=False,
+                     dilation=dilation, num_labels=num_labels)
+    torch.manual_seed(0)
+    model = DetrForObjectDetection(cfg).eval()
+    with torch.no_grad():
+        _randomise_frozen_bn(model)
+    return model
+
+
+def _two_images():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, 160, 224, generator=g), torch.randn(3, 200, 128, generator=g)]
+
+
+@pytest.mark.parametrize("dilation", [False, True], ids=["r50", "r50-dc5"])
+def test_equivalent_to_huggingface(tmp_path, dilation):
+    hf = _hf_model("resnet50", dilation)
+    hf.save_pretrained(tmp_path / "hf")
+    det = Detector.from_pretrained(tmp_path / "hf")
+    assert det.config.dilation == dilation and det.config.num_classes == 91
+    images = _two_images()
+    batch, mask = pad_images(images)
+    with torch.no_grad():
+        theirs = hf(pixel_values=batch, pixel_mask=(~mask).long())
+        ours = det.model(images)
+    assert ours["pred_logits"].shape == (2, 100, 92)
+    assert (ours["pred_logits"] - theirs.logits).abs().max() <= 1e-4
+    assert (ours["pred_boxes"] - theirs.pred_boxes).abs().max() <= 1e-4
+
+    # export -> transformers loads it -> same outputs; re-import -> bit-identical weights
+    det.export_huggingface(tmp_path / "out")
+    from transformers import DetrForObjectDetection
+
+    hf2 = DetrForObjectDetection.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        again = hf2(pixel_values=batch, pixel_mask=(~mask).long())
+    assert (again.logits - theirs.logits).abs().max() <= 1e-5
+    assert (again.pred_boxes - theirs.pred_boxes).abs().max() <= 1e-5
+    det2 = Detector.from_pretrained(tmp_path / "out")
+    sd1, sd2 = det.model.state_dict(), det2.model.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert det2.config == det.config
+
+
+def test_huggingface_in_memory_layout_and_own_resnet():
+    """transformers >= 5 names (backbone.model, o_proj, mlp.fc1) and its own ResNet backbone."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    cfg = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=3, d_model=64,
+                     encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2, num_queries=7,
+                     backbone_config=ResNetConfig(depths=[3, 4, 6, 3], layer_type="bottleneck",
+                                                  hidden_sizes=[256, 512, 1024, 2048], out_features=["stage4"]))
+    hf = DetrForObjectDetection(cfg).eval()
+    with torch.no_grad():
+        _randomise_frozen_bn(hf)
+    sd = huggingface.from_hf_state_dict(hf.state_dict())
+    ours = build_model(authors.infer_config(sd))
+    ours.load_state_dict(sd)
+    ours.eval()
+    images = _two_images()
+    batch, mask = pad_images(images)
+    with torch.no_grad():
+        theirs = hf(pixel_values=batch, pixel_mask=(~mask).long())
+        out = ours(images)
+    assert (out["pred_logits"] - theirs.logits).abs().max() <= 1e-4
+    assert (out["pred_boxes"] - theirs.pred_boxes).abs().max() <= 1e-4
+
+
+def _random_authors_state_dict(cfg: ModelConfig) -> dict:
+    """A state dict with the released key names and random values."""
+    model = build_model(cfg)
+    with torch.no_grad():
+        _randomise_frozen_bn(model)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return authors.to_authors_keys(model.state_dict())
+
+
+def test_authors_layout_loads_and_matches_other_paths(tmp_path):
+    cfg = get_preset("detr-r50").model.with_classes(authors_class_names())
+    released = _random_authors_state_dict(cfg)
+    assert len(released) == 458 and "backbone.0.body.layer4.2.bn3.running_var" in released
+    assert released["class_embed.weight"].shape == (92, 256)
+    assert released["transformer.encoder.layers.0.self_attn.in_proj_weight"].shape == (768, 256)
+    pth = tmp_path / "detr-r50-e632da11.pth"
+    torch.save({"model": released}, pth)
+
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(authors.from_authors_keys(released), strict=False)
+    assert not missing and not unexpected
+
+    via_pth = Detector.from_pretrained(pth)
+    assert via_pth.config.backbone == "resnet50" and not via_pth.config.dilation
+    assert via_pth.config.class_names[1] == "person" and via_pth.config.class_names[12] == "N/A"
+    via_pth.save_pretrained(tmp_path / "native")
+    via_native = Detector.from_pretrained(tmp_path / "native")
+    via_pth.export_huggingface(tmp_path / "hf")
+    via_hf = Detector.from_pretrained(tmp_path / "hf")
+    images = _two_images()
+    with torch.no_grad():
+        outs = [d.model(images) for d in (via_pth, via_native, via_hf)]
+    for o in outs[1:]:
+        assert torch.equal(o["pred_logits"], outs[0]["pred_logits"])
+        assert torch.equal(o["pred_boxes"], outs[0]["pred_boxes"])
+
+
+def test_parameter_counts_as_published():
+    def counts(name):
+        m = build_model(get_preset(name).model.with_classes(authors_class_names()))
+        total = sum(p.numel() for p in m.parameters())
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        return total, trainable
+
+    total, trainable = counts("detr-r50")
+    assert round(total / 1e6, 1) == 41.5 and round(trainable / 1e6, 1) == 41.3
+    assert round(counts("detr-r101")[0] / 1e6, 1) == 60.5
+
+
+def test_sine_positions_span_the_valid_region_whatever_the_padding():
+    pe = PositionEmbeddingSine(64)
+    mask = torch.ones(3, 9, 12, dtype=torch.bool)
+    for i, (h, w) in enumerate([(9, 12), (5, 12), (3, 4)]):
+        mask[i, :h, :w] = False
+    pos = pe(mask)
+    assert pos.shape == (3, 128, 9, 12)
+    # channel 0 = sin(y / 1), channel 64 = sin(x / 1): recover the normalised coordinates
+    for i, (h, w) in enumerate([(9, 12), (5, 12), (3, 4)]):
+        y = torch.asin(pos[i, 0, :h, 0]).tolist()  # valid only while y <= pi/2: use the cos channel too
+        ycos = pos[i, 1, :h, 0]
+        ycoord = torch.atan2(pos[i, 0, :h, 0], ycos) % (2 * math.pi)
+        xcoord = torch.atan2(pos[i, 64, 0, :w], pos[i, 65, 0, :w]) % (2 * math.pi)
+        assert ycoord[0] == pytest.approx(2 * math.pi / h, abs=1e-5)
+        assert xcoord[0] == pytest.approx(2 * math.pi / w, abs=1e-5)
+        # the last valid row/column is at 2pi (wraps to ~0 through atan2), evenly spaced before it
+        assert torch.allclose(ycoord[:-1], torch.arange(1, h, dtype=torch.float32) * 2 * math.pi / h, atol=1e-4)
+        assert min(ycoord[-1].item(), 2 * math.pi - ycoord[-1].item()) < 1e-4
+        assert len(y) == h
+    # an unpadded image gets the same positions as its padded copy
+    small = torch.zeros(1, 3, 4, dtype=torch.bool)
+    assert torch.allclose(pe(small)[0], pos[2, :, :3, :4], atol=1e-6)
+
+
+def test_attention_is_exactly_zero_on_padding():
+    cfg = get_preset("detr-tiny").model.with_classes(["a", "b"])
+    model = build_model(cfg).eval()
+    images = [torch.randn(3, 96, 160), torch.randn(3, 160, 96)]
+    with torch.no_grad():
+        out = model(images, return_attention=True)
+    att = out["attention"]
+    keys_pad = att["feature_mask"].flatten(1)  # [B,N]
+    assert keys_pad.any(dim=1).all()  # both images have padding
+    for name in ("encoder", "decoder_cross"):
+        w = att[name]  # [L,B,heads,Lq,N]
+        pad = keys_pad[None, :, None, None, :].expand_as(w)
+        assert (w[pad] == 0).all()
+        assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_forward_contract_and_presets():
+    for name in ("detr-r50", "detr-r50-dc5", "detr-r101", "detr-r101-dc5", "detr-tiny", "detr-small"):
+        assert get_preset(name).model.hidden_dim > 0
+    cfg = get_preset("detr-tiny").model.with_classes(["a", "b", "c"], [3, 17, 90])
+    model = build_model(cfg).eval()
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 64)]
+    with torch.no_grad():
+        out = model(images)
+        batch, mask = pad_images(images)
+        same = model(batch, mask)
+    q = cfg.num_queries
+    assert out["pred_logits"].shape == (2, q, 4) and out["pred_boxes"].shape == (2, q, 4)
+    assert len(out["aux_outputs"]) == cfg.dec_layers - 1
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    assert torch.equal(out["pred_logits"], same["pred_logits"])
+
+
+@pytest.mark.parametrize("variant", [dict(pre_norm=True), dict(position_embedding="learned")])
+def test_variants_round_trip_native(tmp_path, variant):
+    cfg = get_preset("detr-tiny").model.with_classes(["a", "b"])
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), **variant})
+    model = build_model(cfg).eval()
+    if cfg.pre_norm:
+        assert model.transformer.encoder.norm is not None
+    path = native.save_native(model.state_dict(), cfg, tmp_path / "w.safetensors")
+    sd, cfg2 = native.load_native(path)
+    assert cfg2 == cfg
+    model2 = build_model(cfg2).eval()
+    model2.load_state_dict(sd)
+    x = [torch.randn(3, 64, 64)]
+    with torch.no_grad():
+        assert torch.equal(model(x)["pred_logits"], model2(x)["pred_logits"])
+
+
+def test_damaged_native_weights_are_refused(tmp_path):
+    cfg = get_preset("detr-tiny").model.with_classes(["a"])
+    det = Detector.from_config(cfg)
+    path = det.save_pretrained(tmp_path / "w")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(native.CheckpointError, match="model.safetensors"):
+        Detector.from_pretrained(path)
+    # same size, one flipped byte in the tensor data: the checksum catches it
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(native.CheckpointError, match="checksum"):
+        Detector.from_pretrained(path)
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pwned')",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(ValueError, match="evil.pth"):
+        Detector.from_pretrained(path)
