@@ -28,7 +28,9 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
     """(h, w) after scaling the shorter side to `size`, unless the longer side would exceed `max_size`.
 
     The authors' rule: when the longer side would pass `max_size`, the shorter side target becomes
-    round(max_size * short / long); the longer side is then int(target * long / short).
+    round(max_size * short / long); the longer side is then int(target * long / short). Kept exactly,
+    rounding included (very elongated images can end a few pixels past `max_size`, as in the reference),
+    so evaluation sizes match the authors'.
     """
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
