@@ -72,8 +72,9 @@ def test_equivalent_to_huggingface(tmp_path, dilation):
     assert det2.config == det.config
 
 
-def test_huggingface_in_memory_layout_and_own_resnet():
-    """transformers >= 5 names (backbone.model, o_proj, mlp.fc1) and its own ResNet backbone."""
+def test_huggingface_in_memory_layout_and_own_resnet(tmp_path):
+    """transformers >= 5 names (backbone.model, o_proj, mlp.fc1), its own ResNet backbone, and a
+    directory with pytorch_model.bin."""
     from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
     cfg = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=3, d_model=64,
@@ -94,6 +95,13 @@ def test_huggingface_in_memory_layout_and_own_resnet():
         out = ours(images)
     assert (out["pred_logits"] - theirs.logits).abs().max() <= 1e-4
     assert (out["pred_boxes"] - theirs.pred_boxes).abs().max() <= 1e-4
+
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    det = Detector.from_pretrained(tmp_path)
+    assert det.config.num_queries == 7 and det.config.class_names == [hf.config.id2label[i] for i in range(3)]
+    with torch.no_grad():
+        assert torch.equal(det.model(images)["pred_logits"], out["pred_logits"])
 
 
 def _random_authors_state_dict(cfg: ModelConfig) -> dict:
