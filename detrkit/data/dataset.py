@@ -67,8 +67,10 @@ class DetectionDataset(Dataset):
         self.num_degenerate = 0  # boxes of zero area after clamping to the declared image size
         self.num_crowd = 0
         self.num_unknown_category = 0
-        self._boxes: list[torch.Tensor] = []  # per image, XYXY pixels [N,4]
-        self._labels: list[torch.Tensor] = []  # per image, contiguous class indices [N]
+        # all boxes in one tensor with per-image offsets: few Python objects, cheap to share with workers
+        all_boxes: list[torch.Tensor] = []
+        all_labels: list[torch.Tensor] = []
+        counts: list[int] = []
         for rec in self.images:
             boxes, labels = [], []
             for a in by_image.get(rec.id, []):
@@ -87,8 +89,12 @@ class DetectionDataset(Dataset):
                 b = _clamp_xyxy(b, rec.width, rec.height)
             keep = _non_degenerate(b)
             self.num_degenerate += int((~keep).sum())
-            self._boxes.append(b[keep])
-            self._labels.append(lab[keep])
+            all_boxes.append(b[keep])
+            all_labels.append(lab[keep])
+            counts.append(int(keep.sum()))
+        self._boxes = torch.cat(all_boxes) if all_boxes else torch.zeros(0, 4)  # XYXY pixels [M,4]
+        self._labels = torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.int64)  # [M]
+        self._offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)  # image i: [off[i], off[i+1])
         if self.num_degenerate:
             log.warning("%s: dropped %d box(es) of zero area (after clamping to the image)",
                         index.source, self.num_degenerate)
@@ -101,9 +107,11 @@ class DetectionDataset(Dataset):
 
     @property
     def num_boxes(self) -> int:
-        return sum(len(b) for b in self._boxes)
+        return len(self._boxes)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]] | BadSample:
+        if i < 0:
+            i += len(self.images)
         rec = self.images[i]
         try:
             image = load_image(rec.file)
@@ -113,11 +121,13 @@ class DetectionDataset(Dataset):
             raise
         width, height = image.size
         # declared and real sizes can disagree (e.g. an unapplied EXIF rotation in the tool that wrote them)
-        boxes = _clamp_xyxy(self._boxes[i], width, height)
+        lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+        boxes = _clamp_xyxy(self._boxes[lo:hi], width, height)
+        labels = self._labels[lo:hi]
         keep = _non_degenerate(boxes)
         if not bool(keep.all()):
             log.debug("%s: %d box(es) fall outside the %dx%d image", rec.file, int((~keep).sum()), width, height)
-        image_t, target = self.transforms(image, make_target(boxes[keep], self._labels[i][keep], height, width))
+        image_t, target = self.transforms(image, make_target(boxes[keep], labels[keep], height, width))
         return image_t, {
             "boxes": target["boxes"].reshape(-1, 4).to(torch.float32),
             "labels": target["labels"].to(torch.int64),
