@@ -58,7 +58,8 @@ def test_coco_not_json(tmp_path, capsys):
     with pytest.raises(CocoFormatError, match=r"broken\.json: not valid JSON"):
         load_coco(p)
     report = check_dataset(p)
-    assert not report.ok and has(report.errors, "broken.json", "not valid JSON")
+    assert not report.ok and not report.readable and has(report.errors, "broken.json", "not valid JSON")
+    assert report.errors[0].where == str(p)  # the file named once, as the location
     assert cli_main(["data", "check", str(p)]) == 1
     assert "broken.json: not valid JSON" in capsys.readouterr().out
 

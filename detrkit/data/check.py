@@ -47,6 +47,7 @@ class CheckReport:
     source: Path
     dataset_format: str  # coco / yolo / voc
     split: str | None = None
+    readable: bool = True  # False when the annotations could not be read at all
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     num_images: int = 0
@@ -68,6 +69,9 @@ class CheckReport:
     def format(self, max_problems: int = 20) -> str:
         """A human summary; at most `max_problems` errors and warnings are listed each."""
         lines = [f"Dataset: {self.source} ({self.dataset_format.upper()}{f', split {self.split}' if self.split else ''})"]
+        if not self.readable:
+            return "\n".join(lines + [f"Error: {p.where}: {p.message}" for p in self.errors]
+                             + ["Result: the annotations cannot be read"])
         decoded = f"; {self.images_decoded} decoded" if self.images_decoded else "; not decoded"
         lines.append(f"Images: {self.num_images} ({self.images_with_boxes} with boxes, "
                      f"{self.images_without_boxes} without{decoded})")
@@ -241,6 +245,15 @@ def _duplicate_ids(index: DatasetIndex) -> list[Problem]:
     return out
 
 
+def _unreadable(path: Path, e: Exception) -> Problem:
+    """The readers' exceptions start with the file they concern ("<file>: <what>"); split that off."""
+    text = str(e)
+    head, sep, rest = text.partition(": ")
+    if sep and (head == str(path) or Path(head).exists()):
+        return Problem("error", head, rest)
+    return Problem("error", str(path), text)
+
+
 def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
                   decode_images: bool = True) -> CheckReport:
     """Check a dataset in any supported format; see `CheckReport`.
@@ -253,14 +266,15 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     try:
         fmt = detect_format(path)
     except (ValueError, OSError) as e:
-        report = CheckReport(source=path, dataset_format="unknown", split=split)
-        report.add(Problem("error", str(path), str(e).removeprefix(f"{path}: ")))
+        report = CheckReport(source=path, dataset_format="unknown", split=split, readable=False)
+        report.add(_unreadable(path, e))
         return report
     report = CheckReport(source=path, dataset_format=fmt, split=split)
     try:
         index = load_annotations(path, split, images_dir)
     except (ValueError, OSError) as e:
-        report.add(Problem("error", str(path), str(e)))
+        report.readable = False
+        report.add(_unreadable(path, e))
         return report
     report.source = index.source
 
