@@ -32,11 +32,11 @@ def _image_candidates(file_name: str, json_dir: Path, images_dir: Path | None) -
     if images_dir is not None:
         candidates += [images_dir / rel, images_dir / rel.name]
     candidates += [json_dir / rel, json_dir / "images" / rel]
-    # the official layout: annotations/instances_<split>.json next to images/<split>/ or <split>/
     return candidates
 
 
 def _split_dirs(json_path: Path) -> list[Path]:
+    """The official layout: annotations/instances_<split>.json beside images/<split>/ or <split>/."""
     stem = json_path.stem
     if not stem.startswith("instances_"):
         return []
