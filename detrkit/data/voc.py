@@ -25,6 +25,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from detrkit.data.images import ImageError, image_size
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord, Problem
 from detrkit.data.yolo import IMAGE_SUFFIXES
@@ -175,7 +177,7 @@ def load_voc(path: str | Path, split: str | None = None) -> DatasetIndex:
     parsed: dict[Path, _Parsed] = {}
     class_names: set[str] = set()
     chosen = set(selected)
-    for xml in all_xml:
+    for xml in tqdm(all_xml, desc="reading VOC XML", unit="file", disable=None):
         try:
             p = parse_voc_xml(xml)
         except ValueError as e:

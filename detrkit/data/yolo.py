@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
 from detrkit.data.images import ImageError, image_size
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord, Problem
@@ -262,7 +263,7 @@ def load_yolo(path: str | Path, split: str | None = None) -> DatasetIndex:
     images: list[ImageRecord] = []
     anns: list[Annotation] = []
     used_classes: set[int] = set()
-    for image_id, img in enumerate(unique, start=1):
+    for image_id, img in enumerate(tqdm(unique, desc="reading YOLO labels", unit="img", disable=None), start=1):
         label = label_path_for(img)
         try:
             width, height = image_size(img)
