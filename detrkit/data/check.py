@@ -4,6 +4,16 @@ The format readers already record the problems they meet while parsing (bad line
 duplicate ids, impossible boxes, ...); the checker gathers those, then looks at the images
 themselves (missing, unreadable, truncated, size different from the annotations) and at the boxes
 against the real image sizes, and summarises classes and box sizes.
+
+Heuristics, stated:
+  * corners stored as xywh (COCO only; YOLO and VOC boxes are computed by our readers): a box
+    [a, b, c, d] that overflows its W x H image as xywh (a + c > W or b + d > H, 1 px tolerance) but
+    is a proper box inside it when read as corners (c > a, d > b, c <= W, d <= H) counts as
+    "xyxy-like". Any such box gives a dataset-level warning; 20 % or more of all boxes (and at least
+    3) make it an error.
+  * normalised boxes in COCO: every box within [0, 1] on images larger than 2 px is an error.
+  * size buckets use the box area w*h with COCO's thresholds 32^2 and 96^2 (COCO's own evaluation
+    uses the segmentation area where there is one).
 """
 from __future__ import annotations
 
