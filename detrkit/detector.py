@@ -12,25 +12,10 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from .config import ModelConfig
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_shape
 from .model import DETR, build_model
 from .postprocess import Detections, postprocess
 from .weights import authors, huggingface, hub, native
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def inference_size(h: int, w: int, size: int, max_size: int | None) -> tuple[int, int]:
-    """The authors' rule: shorter side -> size, unless the longer side would pass max_size."""
-    short, long = min(h, w), max(h, w)
-    if max_size is not None and long / short * size > max_size:
-        size = int(round(max_size * short / long))
-    if short == size:
-        return h, w
-    if w < h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
-
 
 def _as_float_image(image: Any) -> Tensor:
     """path | PIL | numpy HWC/HW | tensor CHW/HW (uint8 or float in [0,1]) -> float [3,H,W] in [0,1]."""
@@ -102,7 +87,7 @@ class Detector:
         for image in _as_list(images):
             t = _as_float_image(image)
             h, w = t.shape[-2:]
-            size = inference_size(h, w, self.config.image_size, self.config.max_image_size)
+            size = resized_shape(h, w, self.config.image_size, self.config.max_image_size)
             if size != (h, w):
                 t = TF.resize(t, list(size), antialias=True)
             tensors.append(TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD).to(self.device))

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from detrkit import Detector, get_preset
-from detrkit.detector import inference_size
+from detrkit.data.transforms import resized_shape as inference_size
 from detrkit.weights import authors, hub
 from detrkit.weights.coco_names import authors_class_names
 
