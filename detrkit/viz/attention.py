@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
@@ -168,17 +169,38 @@ def default_points(result: AttentionResult, max_points: int = 4) -> list[tuple[f
     return pts
 
 
-def _show_map(ax, result: AttentionResult, amap: np.ndarray, alpha: float = 0.65) -> None:
+def _show_map(ax, result: AttentionResult, amap: np.ndarray) -> None:
+    """The map over a darkened grayscale copy of the image: colour and opacity grow with attention,
+    so low-attention regions show the picture and the peaks stand out in bright yellow."""
     w, h = result.image.size
-    ax.imshow(result.image.convert("L"), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=255)
+    ax.imshow(result.image.convert("L"), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=400)
+    norm = amap / max(float(amap.max()), 1e-12)
+    rgba = colormaps["inferno"](norm)
+    rgba[..., 3] = 0.1 + 0.85 * norm
     rows, cols = amap.shape
     extent = (0, cols * result.cell_size[1], rows * result.cell_size[0], 0)
-    ax.imshow(amap, cmap="inferno", alpha=alpha, extent=extent, interpolation="bilinear",
-              vmin=0, vmax=max(float(amap.max()), 1e-12))
+    ax.imshow(rgba, extent=extent, interpolation="bilinear")
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+_PANEL = 2.6  # inches per image panel
+
+
+def _image_height(result: AttentionResult) -> float:
+    """Inches an image panel takes when it is about _PANEL wide (constrained layout trims a little)."""
+    w, h = result.image.size
+    return 0.93 * _PANEL * h / w
+
+
+def _decoder_height(result: AttentionResult) -> float:
+    return 2 * _image_height(result) + 0.95  # two image rows, two-line titles, suptitle
+
+
+def _encoder_height(result: AttentionResult) -> float:
+    return _image_height(result) + 0.75  # one image row, titles, suptitle
 
 
 def _box_patch(box: np.ndarray, label: int, lw: float = 1.5) -> Rectangle:
@@ -234,7 +256,7 @@ def _plot_encoder(fig, result: AttentionResult, points: Sequence[tuple[float, fl
 def plot_decoder_attention(result: AttentionResult, max_detections: int = 6) -> Figure:
     """Per detection (up to `max_detections`): the image with its box above its cross-attention map."""
     k = max(1, min(len(result.slots), max_detections))
-    fig = Figure(figsize=(2.6 * k, 5.2), layout="constrained")
+    fig = Figure(figsize=(_PANEL * k, _decoder_height(result)), layout="constrained")
     _plot_decoder(fig, result, max_detections)
     return fig
 
@@ -243,7 +265,7 @@ def plot_encoder_attention(result: AttentionResult, points: Sequence[tuple[float
     """The image with reference points (x, y pixels; default: detection centres) and, for each, the
     last encoder layer's self-attention of the feature cell under it."""
     points = list(points) if points else default_points(result)
-    fig = Figure(figsize=(2.6 * (len(points) + 1), 2.8), layout="constrained")
+    fig = Figure(figsize=(_PANEL * (len(points) + 1), _encoder_height(result)), layout="constrained")
     _plot_encoder(fig, result, points)
     return fig
 
@@ -254,8 +276,9 @@ def plot_attention(result: AttentionResult, points: Sequence[tuple[float, float]
     points = list(points) if points else default_points(result)
     k = max(1, min(len(result.slots), max_detections))
     cols = max(k, len(points) + 1)
-    fig = Figure(figsize=(2.6 * cols, 8.4), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2, 1.05])
+    top_h, bottom_h = _decoder_height(result), _encoder_height(result)
+    fig = Figure(figsize=(_PANEL * cols, top_h + bottom_h), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
     _plot_decoder(top, result, max_detections)
     _plot_encoder(bottom, result, points)
     return fig

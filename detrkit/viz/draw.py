@@ -53,8 +53,8 @@ def line_width_for(size: tuple[int, int]) -> int:
 
 
 def font_size_for(size: tuple[int, int]) -> int:
-    """Label font size in pixels for an image of `size` (w, h): about 2.5% of the shorter side, at least 11."""
-    return max(11, round(0.025 * min(size)))
+    """Label font size in pixels for an image of `size` (w, h): about 3% of the shorter side, at least 12."""
+    return max(12, round(0.03 * min(size)))
 
 
 @lru_cache(maxsize=32)
