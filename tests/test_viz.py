@@ -342,19 +342,20 @@ def test_curves_read_liberally_and_plot(tmp_path, caplog):
         "not json {",
         json.dumps({"step": 20, "epoch": 0, "train/loss": 2.0, "train/loss_ce": 1.0}),
         json.dumps({"epoch": 1, "eval": {"AP": 0.05, "AP50": 0.12}}),
+        json.dumps({"type": "eval", "epoch": 2, "AP": 0.08, "AP50": 0.2}),
         json.dumps({"epoch": 0, "split": "val", "AP": 0.01, "AP50": 0.04, "loss": 2.5}),
         "",
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     records = read_metrics(tmp_path)
-    assert len(records) == 4
+    assert len(records) == 5
     assert "metrics.jsonl:2" in caplog.text
     s = metric_series(records)
     assert s["loss"]["axis"] == "step" and s["loss"]["x"].tolist() == [10, 20]
     assert s["loss"]["y"].tolist() == [3.0, 2.0]
     assert s["loss_ce"]["y"].tolist() == [1.5, 1.0]
-    assert s["eval/AP"]["axis"] == "epoch" and s["eval/AP"]["x"].tolist() == [0, 1]
-    assert s["eval/AP"]["y"].tolist() == [0.01, 0.05]
+    assert s["eval/AP"]["axis"] == "epoch" and s["eval/AP"]["x"].tolist() == [0, 1, 2]
+    assert s["eval/AP"]["y"].tolist() == [0.01, 0.05, 0.08]
     assert s["eval/loss"]["y"].tolist() == [2.5]
     assert "lr" not in s
     fig = plot_training_curves(tmp_path)

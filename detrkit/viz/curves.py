@@ -78,12 +78,12 @@ def metric_series(records: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarr
     """series name (e.g. "loss_ce", "eval/AP") -> {"x": [...], "y": [...], "axis": "step" | "epoch"}.
 
     A series uses "step" for its x axis when every record holding it has one, else "epoch".
-    Records whose "split"/"phase" field says eval count as eval series.
+    Records whose "split", "phase" or "type" field says eval/val/test count as eval series.
     """
     raw: dict[str, list[tuple[float | None, float | None, float]]] = {}
     for rec in records:
         step, epoch = _number(rec.get("step")), _number(rec.get("epoch"))
-        split = str(rec.get("split", rec.get("phase", ""))).lower()
+        split = str(rec.get("split", rec.get("phase", rec.get("type", "")))).lower()
         for key, value in rec.items():
             y = _number(value)
             if y is None:
