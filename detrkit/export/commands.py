@@ -1,0 +1,75 @@
+"""`detrkit export onnx | hf`: write trained weights in other runtimes' formats."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _load_model(weights: str):
+    from ..detector import Detector
+
+    return Detector.from_pretrained(weights).model.eval()
+
+
+def verify_onnx(model: torch.nn.Module, path: str, sizes=((3, 480, 640), (3, 400, 520), (3, 352, 600))) -> float:
+    """Largest |ONNX Runtime - PyTorch float32| over the outputs at batch 1 and a mixed-size batch of 3."""
+    from ..model.detr import pad_images
+    from .onnx import OnnxDETR
+
+    session = OnnxDETR(path)
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for batch in ([sizes[0]], list(sizes)):
+        images, mask = pad_images([torch.randn(*s, generator=gen) for s in batch])
+        with torch.no_grad():
+            ref = model(images, mask)
+        got = session(images, mask)
+        for key in ("pred_logits", "pred_boxes"):
+            worst = max(worst, (got[key] - ref[key]).abs().max().item())
+    return worst
+
+
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    from .onnx import export_onnx
+
+    model = _load_model(args.weights)
+    path = export_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {path}: inputs images [B,3,H,W] float32, mask [B,H,W] bool (True = padding); "
+          f"outputs pred_logits, pred_boxes")
+    if args.verify:
+        err = verify_onnx(model, str(path))
+        ok = err <= 1e-4
+        print(f"ONNX Runtime vs PyTorch float32, batch 1 and 3 (mixed sizes): max abs diff {err:.2e} "
+              f"({'ok' if ok else 'ABOVE 1e-4'})")
+        return 0 if ok else 1
+    return 0
+
+
+def _cmd_hf(args: argparse.Namespace) -> int:
+    from ..detector import Detector
+
+    out = Detector.from_pretrained(args.weights).export_huggingface(args.out)
+    print(f"wrote {out} (transformers: DetrForObjectDetection.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export weights to ONNX or Hugging Face transformers")
+    sub = p.add_subparsers(dest="export_format", required=True)
+
+    o = sub.add_parser("onnx", help="ONNX graph with dynamic batch/height/width and the padding mask as input")
+    o.add_argument("--weights", required=True, help="native dir/.safetensors, authors' .pth, HF dir or a published name")
+    o.add_argument("--out", required=True, help="output .onnx file")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--verify", action="store_true",
+                   help="compare ONNX Runtime with PyTorch float32 at batch 1 and 3 (mixed sizes)")
+    o.set_defaults(func=_cmd_onnx)
+
+    h = sub.add_parser("hf", help="config.json + model.safetensors for transformers' DetrForObjectDetection")
+    h.add_argument("--weights", required=True)
+    h.add_argument("--out", required=True, help="output directory")
+    h.set_defaults(func=_cmd_hf)

@@ -1,0 +1,206 @@
+"""Inference-only optimisations that leave what DETR computes unchanged.
+
+`optimize_for_inference(model)` returns an eval-only copy (`InferenceDETR`) with the same forward
+contract as `DETR`:
+- every frozen batch norm folded into the convolution before it (one conv instead of conv + scale
+  + shift; float32 results agree to rounding),
+- optionally channels-last convolution weights (oneDNN's native layout),
+- optionally bfloat16: convolution and linear weights cast once, the forward run under autocast so
+  norms, softmax and the box sigmoid stay float32; outputs come back float32,
+- optionally `torch.compile`.
+The original model is not touched and its state-dict keys are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .transformer import MultiheadAttention
+
+logger = logging.getLogger(__name__)
+
+_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
+
+
+def _bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """y = x * scale + shift of a frozen (or eval-mode) batch norm, computed in float64."""
+    eps = bn.eps
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    weight = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = weight * (var + eps).rsqrt()
+    return scale, bias - mean * scale
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A new Conv2d (with bias) computing bn(conv(x)) for a frozen / eval-mode batch norm."""
+    if isinstance(bn, nn.BatchNorm2d) and bn.training:
+        raise ValueError("fold_conv_bn: the batch norm is in training mode; call .eval() first")
+    scale, shift = _bn_scale_shift(bn)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    w = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    b = shift if conv.bias is None else conv.bias.double() * scale + shift
+    with torch.no_grad():
+        fused.weight.copy_(w.to(conv.weight.dtype))
+        fused.bias.copy_(b.to(conv.weight.dtype))
+    fused.requires_grad_(False)
+    return fused
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold, in place, each batch norm that directly follows a conv: sibling pairs named
+    ``convK``/``bnK`` (torchvision ResNet blocks and stem) and consecutive (Conv2d, norm) entries of
+    an nn.Sequential (ResNet downsample). The norm becomes nn.Identity. Returns the count folded."""
+    count = 0
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            for i in range(len(parent) - 1):
+                if isinstance(parent[i], nn.Conv2d) and isinstance(parent[i + 1], _NORMS):
+                    parent[i] = fold_conv_bn(parent[i], parent[i + 1])
+                    parent[i + 1] = nn.Identity()
+                    count += 1
+        for name, child in list(parent.named_children()):
+            if not (name.startswith("bn") and isinstance(child, _NORMS)):
+                continue
+            conv = getattr(parent, "conv" + name[2:], None)
+            if isinstance(conv, nn.Conv2d):
+                setattr(parent, "conv" + name[2:], fold_conv_bn(conv, child))
+                setattr(parent, name, nn.Identity())
+                count += 1
+    return count
+
+
+def amx_bf16_available() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def default_inference_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 where it is fast (CUDA with bf16 support, CPUs with AMX), float32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if amx_bf16_available() else torch.float32
+    return torch.float32
+
+
+def _cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the weights autocast would cast on every call (conv, linear, packed attention
+    projections) once, ahead of time; norms and embeddings stay float32."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.to(dtype)
+        elif isinstance(m, MultiheadAttention):
+            m.in_proj_weight.data = m.in_proj_weight.data.to(dtype)
+            m.in_proj_bias.data = m.in_proj_bias.data.to(dtype)
+
+
+class InferenceDETR(nn.Module):
+    """An eval-only, optimised copy of a `DETR`. Same forward contract and output dict; every output
+    tensor is float32 whatever the compute dtype.
+
+    forward(images: list of [3,H,W] | [B,3,H,W], mask [B,H,W] | None = None, return_attention=False,
+    batch_invariant=False) -> dict (see `DETR`).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool, compiled: bool):
+        super().__init__()
+        self.model = model
+        self.cfg = model.cfg
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.compiled = compiled
+        self._forward_features = model._forward_features
+        if compiled:
+            # Compile the parts with static structure; list padding stays eager.
+            self._forward_features = torch.compile(model._forward_features, dynamic=True)
+            model.backbone = torch.compile(model.backbone, dynamic=True)
+
+    def _autocast(self, device: torch.device):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
+                return_attention: bool = False, batch_invariant: bool = False) -> dict:
+        m = self.model
+        device = images.device if isinstance(images, Tensor) else images[0].device
+        with self._autocast(device):
+            if isinstance(images, (list, tuple)) and batch_invariant:
+                if mask is not None:
+                    raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
+                features, fmask = m._features_per_image(images)
+            else:
+                if isinstance(images, (list, tuple)):
+                    if mask is not None:
+                        raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
+                    from .detr import pad_images
+
+                    images, mask = pad_images(images)
+                elif mask is None:
+                    mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=device)
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                features, fmask = m.backbone(images, mask)
+            out = self._forward_features(features, fmask, return_attention)
+        return _to_float32(out) if self.dtype != torch.float32 else out
+
+
+def _to_float32(x):
+    if isinstance(x, Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float32(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_float32(v) for v in x]
+    return x
+
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = torch.float32,
+                           channels_last: bool | None = None, compile: bool = False) -> InferenceDETR:
+    """An optimised eval-only copy of `model` (a `DETR`); the original is not modified.
+
+    dtype: torch.float32 (outputs within 1e-4 of the original), torch.bfloat16 / "bf16" (autocast,
+      weights pre-cast), or None / "auto" for `default_inference_dtype` of the model's device.
+    channels_last: NHWC convolution weights; None = on for bfloat16 and CUDA, where oneDNN/cuDNN
+      are fastest with it.
+    compile: wrap the backbone and the transformer in torch.compile (first call is slow).
+    """
+    device = next(model.parameters()).device
+    if dtype in (None, "auto"):
+        dtype = default_inference_dtype(device)
+    elif isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(dtype, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"optimize_for_inference: unsupported dtype {dtype!r}")
+    if isinstance(model, InferenceDETR):
+        model = model.model
+    opt = copy.deepcopy(model).eval()
+    opt.requires_grad_(False)
+    n = fold_batchnorms(opt.backbone)
+    logger.debug("folded %d batch norms into convolutions", n)
+    if channels_last is None:
+        channels_last = dtype != torch.float32 or device.type == "cuda"
+    if channels_last:
+        opt.to(memory_format=torch.channels_last)
+    if dtype != torch.float32:
+        _cast_matmul_weights(opt, dtype)
+    return InferenceDETR(opt, dtype, channels_last, compile)
