@@ -1,0 +1,234 @@
+"""COCO box evaluation with pycocotools (reference section 7).
+
+Every one of the Q predictions of an image is kept (no threshold), as in the paper. The model runs with
+`batch_invariant=True`, so the numbers do not depend on the evaluation batch size.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
+from tqdm import tqdm
+
+from ..postprocess import postprocess
+
+log = logging.getLogger(__name__)
+
+# The 12 numbers of COCOeval.stats, in its order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@contextlib.contextmanager
+def _quiet_pycocotools():
+    """pycocotools prints progress to stdout; keep it for the debug log instead."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    if buf.getvalue().strip():
+        log.debug("pycocotools:\n%s", buf.getvalue().rstrip())
+
+
+def _gt_dataset(coco_gt: dict | COCO) -> dict:
+    dataset = coco_gt.dataset if isinstance(coco_gt, COCO) else coco_gt
+    if not isinstance(dataset, dict):
+        raise TypeError(f"coco_gt must be a COCO JSON dict or a pycocotools COCO, got {type(coco_gt).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
+    if missing:
+        raise ValueError(f"COCO ground truth has no {missing} (a COCO JSON dict needs images, annotations, "
+                         "categories)")
+    return dataset
+
+
+class CocoEvaluator:
+    """Collects COCO result records and scores them against a ground truth.
+
+    coco_gt: a COCO JSON dict (crowd regions included; they are ignored the COCO way) or a pycocotools
+    COCO. Records are {image_id, category_id (the dataset's id), bbox [x,y,w,h] pixels, score}.
+    By default every ground-truth image is evaluated (an image without results counts as all misses);
+    once `add` is given `image_ids`, only the images named so far are.
+    Stats are pycocotools' own, in [0,1], -1 where there is no ground truth to measure.
+    """
+
+    def __init__(self, coco_gt: dict | COCO, iou_type: str = "bbox"):
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+        self.iou_type = iou_type
+        gt = dict(_gt_dataset(coco_gt))
+        # COCOeval reads area and iscrowd of every annotation; fill them where a minimal file omits them.
+        gt["annotations"] = [
+            {**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]), "iscrowd": a.get("iscrowd", 0)}
+            for a in gt["annotations"]
+        ]
+        self.coco_gt = COCO()
+        self.coco_gt.dataset = gt
+        with _quiet_pycocotools():
+            self.coco_gt.createIndex()
+        self.category_names = {c["id"]: c["name"] for c in gt["categories"]}
+        self.results: list[dict] = []
+        self.image_ids: set[int] | None = None
+        self.coco_eval: COCOeval | None = None
+
+    def add(self, results: Sequence[dict], image_ids: Sequence[int] | None = None) -> None:
+        """Add result records; image_ids (optional) are the images these results cover (even with none)."""
+        known_images, known_cats = self.coco_gt.imgs, self.category_names
+        for i, r in enumerate(results):
+            missing = {"image_id", "category_id", "bbox", "score"} - set(r)
+            if missing:
+                raise ValueError(f"result record {i} lacks {sorted(missing)}: {r}")
+            if r["image_id"] not in known_images:
+                raise ValueError(f"result record {i}: image_id {r['image_id']} is not in the ground truth")
+            if r["category_id"] not in known_cats:
+                raise ValueError(f"result record {i}: category_id {r['category_id']} is not a ground-truth "
+                                 f"category (known: {sorted(known_cats)})")
+            if len(r["bbox"]) != 4:
+                raise ValueError(f"result record {i}: bbox must be [x, y, w, h], got {r['bbox']}")
+        self.results.extend(results)
+        if image_ids is not None:
+            unknown = [i for i in image_ids if i not in known_images]
+            if unknown:
+                raise ValueError(f"image ids {unknown[:5]} are not in the ground truth")
+            self.image_ids = (self.image_ids or set()) | {int(i) for i in image_ids}
+        self.coco_eval = None
+
+    def _detections(self) -> COCO:
+        if self.results:
+            with _quiet_pycocotools():
+                return self.coco_gt.loadRes(list(self.results))
+        # loadRes cannot take an empty list: an empty result set scores 0 wherever there is ground truth
+        dt = COCO()
+        dt.dataset = {"images": list(self.coco_gt.dataset["images"]),
+                      "categories": list(self.coco_gt.dataset["categories"]), "annotations": []}
+        with _quiet_pycocotools():
+            dt.createIndex()
+        return dt
+
+    def run(self) -> COCOeval:
+        """Evaluate, accumulate and summarise with pycocotools; the COCOeval is kept as `coco_eval`."""
+        E = COCOeval(self.coco_gt, self._detections(), self.iou_type)
+        if self.image_ids is not None:
+            E.params.imgIds = sorted(self.image_ids | {int(r["image_id"]) for r in self.results})
+        with _quiet_pycocotools():
+            E.evaluate()
+            E.accumulate()
+            E.summarize()
+        self.coco_eval = E
+        return E
+
+    def _per_class(self, iou: float | None) -> dict[int, float]:
+        """AP (all areas, 100 detections) of each category id, at one IoU threshold or averaged."""
+        E = self.coco_eval if self.coco_eval is not None else self.run()
+        precision = E.eval["precision"]  # [T IoUs, R recalls, K categories, A areas, M max-dets]
+        if iou is not None:
+            precision = precision[np.isclose(E.params.iouThrs, iou)]
+        out = {}
+        for k, cat in enumerate(E.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            out[cat] = float(p.mean()) if p.size else -1.0
+        return out
+
+    def summarize(self) -> dict[str, Any]:
+        """{AP, AP50, ..., ARl: float, per_class: {category name: AP}} (-1: no ground truth)."""
+        E = self.run()
+        summary: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, E.stats)}
+        summary["per_class"] = {self.category_names[c]: ap for c, ap in self._per_class(None).items()}
+        return summary
+
+    def format_table(self) -> str:
+        """Per-class AP and AP50 with ground-truth counts, as aligned text."""
+        ap, ap50 = self._per_class(None), self._per_class(0.5)
+        img_ids = set(self.coco_eval.params.imgIds)
+        counts = {c: 0 for c in ap}
+        for a in self.coco_gt.dataset["annotations"]:
+            if a["image_id"] in img_ids and not a["iscrowd"] and a["category_id"] in counts:
+                counts[a["category_id"]] += 1
+        width = max([len("class")] + [len(n) for n in self.category_names.values()])
+        lines = [f"{'id':>6}  {'class':<{width}}  {'gt':>6}  {'AP':>6}  {'AP50':>6}"]
+        for c in ap:
+            cells = ["   n/a" if v < 0 else f"{100 * v:6.1f}" for v in (ap[c], ap50[c])]
+            lines.append(f"{c:>6}  {self.category_names[c]:<{width}}  {counts[c]:>6}  {cells[0]}  {cells[1]}")
+        return "\n".join(lines)
+
+    def write_results(self, path: str | os.PathLike) -> Path:
+        """The result records as a COCO results JSON file (what loadRes reads)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.results))
+        return path
+
+
+def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category_ids: Sequence[int]) -> list[dict]:
+    """Model outputs -> COCO result records, all Q per image (no threshold).
+
+    outputs: pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1]; targets: B dicts with image_id and
+    orig_size [2] (h, w of the original image); category_ids[label] is the dataset id of class `label`.
+    """
+    num_classes = outputs["pred_logits"].shape[-1] - 1
+    if len(category_ids) != num_classes:
+        raise ValueError(f"the model has {num_classes} classes but {len(category_ids)} category ids were given")
+    orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets])
+    dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
+    records = []
+    for t, d in zip(targets, dets):
+        image_id = int(t["image_id"])
+        xywh = box_convert(d["boxes"], "xyxy", "xywh").tolist()
+        for box, label, score in zip(xywh, d["labels"].tolist(), d["scores"].tolist()):
+            records.append({"image_id": image_id, "category_id": int(category_ids[label]), "bbox": box,
+                            "score": score})
+    return records
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: dict | COCO, batch_size: int = 4,
+             device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
+             collate_fn: Callable | None = None, results_path: str | os.PathLike | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run `model` over `dataset` (items (image [3,H,W], target dict)) and score it -> CocoEvaluator.summarize().
+
+    The model keeps its train/eval mode afterwards. Unreadable images (the collate's bad list) are
+    logged and left out of the evaluation. results_path: also write the result records there.
+    """
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
+    if collate_fn is None:
+        from ..data.dataset import collate as collate_fn
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_fn)
+    evaluator = CocoEvaluator(coco_gt)
+    was_training = model.training
+    model.eval()
+    bad_count = 0
+    try:
+        for images, targets, bad in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+            for b in bad:
+                log.warning("evaluation skips %s", b)
+            bad_count += len(bad)
+            if not images:
+                continue
+            images = [im.to(device, non_blocking=True) for im in images]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                outputs = model(images, batch_invariant=True)
+            evaluator.add(predictions_to_coco_results(outputs, targets, category_ids),
+                          image_ids=[int(t["image_id"]) for t in targets])
+    finally:
+        model.train(was_training)
+    if bad_count:
+        log.warning("%d unreadable images were left out of the evaluation", bad_count)
+    if results_path is not None:
+        evaluator.write_results(results_path)
+    summary = evaluator.summarize()
+    log.info("COCO evaluation:\n%s", evaluator.format_table())
+    return summary
