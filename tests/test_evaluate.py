@@ -107,6 +107,15 @@ def test_perfect_empty_and_restricted_results():
     assert s["AP"] == pytest.approx(1.0) and s["per_class"] == {"cat": pytest.approx(1.0), "dog": pytest.approx(1.0)}
     assert s["APl"] == -1  # no large objects: pycocotools' -1
 
+    # a pycocotools COCO is accepted as ground truth too
+    as_coco = COCO()
+    as_coco.dataset = small_gt()
+    with contextlib.redirect_stdout(io.StringIO()):
+        as_coco.createIndex()
+    ev = CocoEvaluator(as_coco)
+    ev.add(perfect[1:])
+    assert ev.summarize()["per_class"] == {"cat": 0.0, "dog": pytest.approx(1.0)}
+
     empty = CocoEvaluator(gt).summarize()
     assert empty["AP"] == 0 and empty["AR100"] == 0
 
