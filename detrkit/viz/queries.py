@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -262,9 +263,10 @@ def plot_slot_usage(preds: SlotPredictions, threshold: float = 0.5, *, max_class
     ax.set_xlabel("query slot")
     ax.set_ylabel(f"images with score > {threshold:g}")
     ax.set_xlim(-0.6, preds.num_slots - 0.4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Slot usage over {preds.num_images} images, by predicted class", fontsize=10)
     if top or other.any():
-        ax.legend(fontsize=7, ncol=2, loc="upper right", frameon=False)
+        fig.legend(fontsize=7, loc="outside right upper", frameon=False, title="class", title_fontsize=7)
     return fig
 
 
