@@ -7,8 +7,8 @@
 # VAL_DATA  validation annotations (COCO JSON / folder, YOLO, VOC) for the query-slot figure
 # IMAGE     the picture to annotate and look inside (default: the first validation image)
 # OUT_DIR   where the pictures go (default docs/images)
-# Environment: THRESHOLD (default 0.5) for detections, DEVICE (default cpu), DETRKIT (default: detrkit
-# from the repository's .venv when present).
+# Environment: THRESHOLD (default 0.5) for detections, TOPK (default: no limit) detections per image,
+# DEVICE (default cpu), PYTHON (default: the repository's .venv python when present).
 set -euo pipefail
 
 RUN=${1:?usage: $0 RUN_DIR VAL_DATA [IMAGE] [OUT_DIR]}
@@ -19,7 +19,7 @@ THRESHOLD=${THRESHOLD:-0.5}
 DEVICE=${DEVICE:-cpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python)}
-DETRKIT=${DETRKIT:-"$PY -m detrkit.cli"}
+DETRKIT="$PY -m detrkit.cli"
 
 WEIGHTS="$RUN/best"
 [ -e "$WEIGHTS/model.safetensors" ] || WEIGHTS="$RUN/final"
@@ -32,12 +32,12 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 # 1. detections drawn on the image
-$DETRKIT predict "$IMAGE" --weights "$WEIGHTS" --out "$TMP/pred" --threshold "$THRESHOLD" --device "$DEVICE" --no-progress
+$DETRKIT predict "$IMAGE" --weights "$WEIGHTS" --out "$TMP/pred" --threshold "$THRESHOLD" ${TOPK:+--top-k "$TOPK"} --device "$DEVICE" --no-progress
 for f in "$TMP"/pred/*; do cp "$f" "$OUT/predict_example.${f##*.}"; done
 # 2. what each query slot predicts over the validation set (paper Fig. 7), and slot usage
 $DETRKIT viz queries --weights "$WEIGHTS" --data "$VAL" --out "$OUT/queries.png" --threshold "$THRESHOLD" --device "$DEVICE"
 # 3. decoder attention per detection, encoder attention per point
-$DETRKIT viz attention "$IMAGE" --weights "$WEIGHTS" --out "$OUT/attention.png" --threshold "$THRESHOLD" --device "$DEVICE"
+$DETRKIT viz attention "$IMAGE" --weights "$WEIGHTS" --out "$OUT/attention.png" --threshold "$THRESHOLD" --device "$DEVICE" --dpi 90
 # 4. training curves
 $DETRKIT viz curves "$RUN" --out "$OUT/curves.png"
 ls -l "$OUT"

@@ -370,3 +370,19 @@ def test_curves_without_values_is_a_clear_error(tmp_path):
         plot_training_curves(tmp_path)
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_metrics(tmp_path / "nowhere")
+
+
+def test_labels_do_not_cover_each_other():
+    from detrkit.viz.draw import _font, _overlaps, _place_tag
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (300, 200), (30, 30, 30))
+    draw = ImageDraw.Draw(image)
+    font = _font(14)
+    placed = []
+    # three boxes sharing their top-left corner: each label must find its own spot
+    for box in ([50, 60, 200, 150], [52, 62, 190, 140], [54, 64, 180, 130]):
+        rect = _place_tag(draw, "triangle 0.99", tuple(box), font, 2, image.size, placed)
+        assert not any(_overlaps(rect, p) for p in placed)
+        assert 0 <= rect[0] and rect[2] <= 300 and 0 <= rect[1] and rect[3] <= 200
+        placed.append(rect)

@@ -84,7 +84,8 @@ def draw_detections(
 
     boxes [K,4] xyxy pixels of `image`; labels [K] contiguous class indices (they pick the colour);
     scores [K] or None; names: class names indexed by label (None: the label number is shown).
-    Boxes are drawn largest first so small boxes and their labels stay on top.
+    Boxes are drawn largest first so small ones stay visible, then the labels, each at the first free
+    spot among above / inside the top / below / inside the bottom of its box, most confident first.
     """
     out = image.convert("RGB") if image.mode != "RGB" else image.copy()
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -100,30 +101,60 @@ def draw_detections(
     font = _font(font_size or font_size_for(out.size))
     draw = ImageDraw.Draw(out)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    order = np.argsort(-area, kind="stable")
-    for i in order:
-        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+    clipped = []
+    for x0, y0, x1, y1 in boxes.tolist():
         x0, x1 = max(0.0, min(x0, x1)), min(w - 1.0, max(x0, x1))
         y0, y1 = max(0.0, min(y0, y1)), min(h - 1.0, max(y0, y1))
-        colour = class_colour(labels[i])
-        # thin dark outline outside and a light one inside: the coloured line reads on any background
+        clipped.append((x0, y0, x1, y1))
+    # all boxes first (largest first, so small ones stay visible), then all tags, so no line crosses a label
+    for i in np.argsort(-area, kind="stable"):
+        x0, y0, x1, y1 = clipped[i]
+        # thin dark outline around the coloured line: it reads on bright and dark backgrounds alike
         draw.rectangle((x0 - lw, y0 - lw, x1 + lw, y1 + lw), outline=(0, 0, 0), width=1)
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=lw)
-        label = labels[i]
-        name = names[label] if names is not None and 0 <= label < len(names) else str(int(label))
+        draw.rectangle((x0, y0, x1, y1), outline=class_colour(labels[i]), width=lw)
+    # tags: the most confident first get the best free spot; drawn in reverse so they end on top
+    order = np.argsort(-scores, kind="stable") if scores is not None else np.arange(len(boxes))
+    placed: list[tuple[float, float, float, float]] = []
+    tags = []
+    for i in order:
+        label = int(labels[i])
+        name = names[label] if names is not None and 0 <= label < len(names) else str(label)
         text = format_label(name, None if scores is None else scores[i])
-        _draw_tag(draw, text, (x0, y0, x1, y1), colour, font, lw, (w, h))
+        rect = _place_tag(draw, text, clipped[i], font, lw, (w, h), placed)
+        placed.append(rect)
+        tags.append((rect, text, class_colour(label)))
+    for rect, text, colour in reversed(tags):
+        _draw_tag(draw, rect, text, colour, font, lw)
     return out
 
 
-def _draw_tag(draw: ImageDraw.ImageDraw, text: str, box: tuple[float, float, float, float],
-              colour: tuple[int, int, int], font, lw: int, size: tuple[int, int]) -> None:
-    """A filled tag with the text, above the box's top-left corner (inside the box when there is no room)."""
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_tag(draw: ImageDraw.ImageDraw, text: str, box: tuple[float, float, float, float], font, lw: int,
+               size: tuple[int, int], placed: list[tuple[float, float, float, float]]
+               ) -> tuple[float, float, float, float]:
+    """Where the tag goes: above the box's top-left corner, else just inside it, else at the box's
+    bottom (below, then inside): the first spot on the image that overlaps no tag placed before."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = max(2, lw // 2 + 1)
     tw, th = right - left + 2 * pad, bottom - top + 2 * pad
-    x0, y0 = box[0], box[1]
-    ty = y0 - th if y0 - th >= 0 else y0  # above the box, else just inside its top edge
-    tx = min(max(0.0, x0 - lw / 2), max(0.0, size[0] - tw))
-    draw.rectangle((tx, ty, tx + tw, ty + th), fill=colour)
-    draw.text((tx + pad - left, ty + pad - top), text, fill=text_colour(colour), font=font)
+    tx = min(max(0.0, box[0] - lw / 2), max(0.0, size[0] - tw))
+    candidates = [box[1] - th, box[1], box[3] + lw, box[3] - th]
+    spots = [(tx, ty, tx + tw, ty + th) for ty in candidates if 0 <= ty and ty + th <= size[1]]
+    if not spots:
+        spots = [(tx, 0.0, tx + tw, float(th))]
+    for spot in spots:
+        if not any(_overlaps(spot, p) for p in placed):
+            return spot
+    return spots[0]
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, rect: tuple[float, float, float, float], text: str,
+              colour: tuple[int, int, int], font, lw: int) -> None:
+    """A filled tag of the class colour with the text in black or white, whichever contrasts more."""
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, lw // 2 + 1)
+    draw.rectangle(rect, fill=colour)
+    draw.text((rect[0] + pad - left, rect[1] + pad - top), text, fill=text_colour(colour), font=font)
