@@ -386,3 +386,35 @@ def test_labels_do_not_cover_each_other():
         assert not any(_overlaps(rect, p) for p in placed)
         assert 0 <= rect[0] and rect[2] <= 300 and 0 <= rect[1] and rect[3] <= 200
         placed.append(rect)
+
+
+def test_viz_commands_end_to_end(tmp_path, tiny_model, capsys):
+    from detrkit.cli import main
+
+    weights = Detector(tiny_model, tiny_config()).save_pretrained(tmp_path / "w")
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 48), (50, 80), (70, 70)]):
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": w, "height": h}
+                       for i, (w, h) in enumerate([(64, 48), (50, 80), (70, 70)])],
+            "annotations": [{"id": 1, "image_id": 0, "category_id": 3, "bbox": [1, 1, 10, 10], "area": 100,
+                             "iscrowd": 0}],
+            "categories": [{"id": c, "name": n} for c, n in zip([3, 7, 11], CLASSES)]}
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    out = tmp_path / "figs"
+    assert main(["viz", "queries", "--weights", str(weights), "--data", str(tmp_path / "val.json"),
+                 "--images", str(tmp_path / "imgs"), "--out", str(out / "q.png"), "--slot-ids", "0,5",
+                 "--threshold", "0.0"]) == 0
+    data = json.loads((out / "q.json").read_text())
+    assert [p["slot"] for p in data["panels"]] == [0, 5] and data["num_images"] == 3
+    assert len(data["panels"][0]["centres"]) == 3  # one box per slot per image
+    assert json.loads((out / "q_usage.json").read_text())["fires"] == [3] * 6
+    assert main(["viz", "attention", str(tmp_path / "imgs" / "1.png"), "--weights", str(weights),
+                 "--out", str(out / "a.png"), "--threshold", "0.0", "--points", "5,5;40,70"]) == 0
+    assert Image.open(out / "a.png").size[0] > 200
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"type": "train", "step": s, "loss": 5.0 / s}) for s in range(1, 6)))
+    assert main(["viz", "curves", str(tmp_path / "run"), "--out", str(out / "c.png")]) == 0
+    assert (out / "c.png").is_file()
