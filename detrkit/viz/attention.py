@@ -169,11 +169,28 @@ def default_points(result: AttentionResult, max_points: int = 4) -> list[tuple[f
     return pts
 
 
+def _thumbnail(result: AttentionResult, max_side: int = 1024) -> Image.Image:
+    """The image at most `max_side` pixels on a side: panels are a few inches wide, and drawing a
+    many-megapixel photo in every panel would be slow for nothing."""
+    w, h = result.image.size
+    if max(w, h) <= max_side:
+        return result.image
+    scale = max_side / max(w, h)
+    return result.image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+def _show_image(ax, result: AttentionResult) -> None:
+    w, h = result.image.size
+    ax.imshow(_thumbnail(result), extent=(0, w, h, 0))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+
+
 def _show_map(ax, result: AttentionResult, amap: np.ndarray) -> None:
     """The map over a darkened grayscale copy of the image: colour and opacity grow with attention,
     so low-attention regions show the picture and the peaks stand out in bright yellow."""
     w, h = result.image.size
-    ax.imshow(result.image.convert("L"), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=400)
+    ax.imshow(_thumbnail(result).convert("L"), cmap="gray", extent=(0, w, h, 0), vmin=0, vmax=400)
     norm = amap / max(float(amap.max()), 1e-12)
     rgba = colormaps["inferno"](norm)
     rgba[..., 3] = 0.1 + 0.85 * norm
@@ -212,7 +229,7 @@ def _plot_decoder(fig, result: AttentionResult, max_detections: int) -> None:
     k = min(len(result.slots), max_detections)
     if k == 0:
         ax = fig.subplots()
-        ax.imshow(result.image)
+        _show_image(ax, result)
         ax.set_axis_off()
         ax.set_title("no detections above the threshold", fontsize=9)
         return
@@ -221,7 +238,7 @@ def _plot_decoder(fig, result: AttentionResult, max_detections: int) -> None:
         box, label = result.boxes[i], int(result.labels[i])
         name = result.class_names[label] if label < len(result.class_names) else str(label)
         top, bottom = axes[0, i], axes[1, i]
-        top.imshow(result.image)
+        _show_image(top, result)
         top.add_patch(_box_patch(box, label, 2.0))
         top.set_xticks([])
         top.set_yticks([])
@@ -235,7 +252,7 @@ def _plot_decoder(fig, result: AttentionResult, max_detections: int) -> None:
 
 def _plot_encoder(fig, result: AttentionResult, points: Sequence[tuple[float, float]]) -> None:
     axes = fig.subplots(1, len(points) + 1, squeeze=False)[0]
-    axes[0].imshow(result.image)
+    _show_image(axes[0], result)
     for j, (x, y) in enumerate(points):
         axes[0].plot(x, y, marker="o", ms=7, mfc="#ff2e63", mec="white", mew=1.2)
         axes[0].annotate(str(j + 1), (x, y), xytext=(5, 5), textcoords="offset points", color="white",
@@ -256,7 +273,7 @@ def _plot_encoder(fig, result: AttentionResult, points: Sequence[tuple[float, fl
 def plot_decoder_attention(result: AttentionResult, max_detections: int = 6) -> Figure:
     """Per detection (up to `max_detections`): the image with its box above its cross-attention map."""
     k = max(1, min(len(result.slots), max_detections))
-    fig = Figure(figsize=(_PANEL * k, _decoder_height(result)), layout="constrained")
+    fig = Figure(figsize=(_PANEL * max(k, 3), _decoder_height(result)), layout="constrained")
     _plot_decoder(fig, result, max_detections)
     return fig
 
@@ -265,7 +282,7 @@ def plot_encoder_attention(result: AttentionResult, points: Sequence[tuple[float
     """The image with reference points (x, y pixels; default: detection centres) and, for each, the
     last encoder layer's self-attention of the feature cell under it."""
     points = list(points) if points else default_points(result)
-    fig = Figure(figsize=(_PANEL * (len(points) + 1), _encoder_height(result)), layout="constrained")
+    fig = Figure(figsize=(_PANEL * max(len(points) + 1, 3), _encoder_height(result)), layout="constrained")
     _plot_encoder(fig, result, points)
     return fig
 
@@ -275,7 +292,7 @@ def plot_attention(result: AttentionResult, points: Sequence[tuple[float, float]
     """Both views in one figure: decoder attention per detection (top), encoder attention per point (bottom)."""
     points = list(points) if points else default_points(result)
     k = max(1, min(len(result.slots), max_detections))
-    cols = max(k, len(points) + 1)
+    cols = max(k, len(points) + 1, 3)  # at least 3 panels wide, so the titles fit
     top_h, bottom_h = _decoder_height(result), _encoder_height(result)
     fig = Figure(figsize=(_PANEL * cols, top_h + bottom_h), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
