@@ -109,6 +109,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = 42
     checkpoint_every_steps: int | None = None
+    checkpoint_every_epochs: int = 1  # 0: only at the end of the run and on SIGINT/SIGTERM
     eval_every_epochs: int = 1
     skip_bad: bool = True
 

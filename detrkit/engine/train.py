@@ -381,7 +381,7 @@ def train(
 
             metrics = evaluate(eval_weights(), val_set, model_cfg.category_ids, coco_ground_truth(val_index),
                                batch_size=max(1, bs), device=dev, amp=train_cfg.amp,
-                               num_workers=train_cfg.num_workers)
+                               num_workers=train_cfg.num_workers, progress=progress)
             metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             log_json({"type": "eval", "step": step, "epoch": epoch, **metrics})
             if writer is not None:
@@ -539,7 +539,8 @@ def train(
                     if val_set is not None and epoch % max(1, train_cfg.eval_every_epochs) == 0:
                         run_eval()
                         evaluated_at = step
-                    save_checkpoint()
+                    if train_cfg.checkpoint_every_epochs and epoch % train_cfg.checkpoint_every_epochs == 0:
+                        save_checkpoint()
             if status == "interrupted":
                 save_checkpoint()
     bar.close()
