@@ -8,7 +8,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detrkit.config import ModelConfig
 from detrkit.model import build_model, pad_images
-from detrkit.model.fuse import InferenceDETR, fold_batchnorms, fold_conv_bn, optimize_for_inference
+from detrkit.model.fuse import (InferenceDETR, PackedResNetBody, fold_batchnorms, fold_conv_bn,
+                               mkldnn_fusion_available, optimize_for_inference)
 
 
 def _tiny(seed=0, **kw):
@@ -64,10 +65,12 @@ def test_every_backbone_norm_is_folded(model):
     assert list(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_float32_equals_unfused_with_padding(model, channels_last):
-    opt = optimize_for_inference(model, torch.float32, channels_last=channels_last)
+@pytest.mark.parametrize("channels_last,packed", [(False, False), (True, False), (False, None)])
+def test_fused_float32_equals_unfused_with_padding(model, channels_last, packed):
+    opt = optimize_for_inference(model, torch.float32, channels_last=channels_last, packed=packed)
     assert isinstance(opt, InferenceDETR)
+    if packed is None and mkldnn_fusion_available():  # the CPU default: packed oneDNN convolutions
+        assert isinstance(opt.model.backbone.body, PackedResNetBody)
     images = _images()
     with torch.no_grad():
         ref = model(images)
@@ -84,8 +87,9 @@ def test_fused_float32_equals_unfused_with_padding(model, channels_last):
         assert _max_diff(a, b) <= 1e-4
 
 
-def test_bf16_copy_is_close_and_returns_float32(model):
-    opt = optimize_for_inference(model, "bf16")
+@pytest.mark.parametrize("packed", [False, None])
+def test_bf16_copy_is_close_and_returns_float32(model, packed):
+    opt = optimize_for_inference(model, "bf16", packed=packed)
     images = _images()
     with torch.no_grad():
         ref = model(images)

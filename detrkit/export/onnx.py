@@ -49,7 +49,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAUL
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fused = optimize_for_inference(model, dtype=torch.float32, channels_last=False).model.cpu()
+    fused = optimize_for_inference(model, dtype=torch.float32, channels_last=False, packed=False).model.cpu()
     wrapper = _ExportWrapper(fused).eval()
     h, w = sample_size
     images = torch.randn(2, 3, h, w)

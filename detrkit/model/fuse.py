@@ -78,6 +78,101 @@ def fold_batchnorms(module: nn.Module) -> int:
     return count
 
 
+def mkldnn_fusion_available() -> bool:
+    """oneDNN convolutions with fused post-ops (what torch.compile's CPU backend uses) exist here."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+
+
+class PackedConv2d(nn.Module):
+    """A Conv2d (batch norm already folded in) run by oneDNN with its weight pre-packed in oneDNN's
+    blocked layout and the following ReLU, or residual add + ReLU, fused into the same kernel.
+    CPU only; the weight is packed for one input size but correct for every size.
+
+    forward(x [B,Cin,H,W], residual [B,Cout,h,w] | None) -> relu?(conv(x) (+ residual)).
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool, dtype: torch.dtype):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("PackedConv2d: only explicit zero padding is supported")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.relu = relu
+        self.dtype = dtype
+        self.weight = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = bias.to(dtype)
+
+    def pack(self, input_size: list[int]) -> None:
+        """Reorder the weight to the layout oneDNN picks for this input size."""
+        pad, stride, dil, groups = self.geometry
+        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            self.weight.contiguous().to_mkldnn(), pad, stride, dil, groups, input_size)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        x = x.to(self.dtype)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, *self.geometry, "relu" if self.relu else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual.to(self.dtype), self.weight, self.bias, *self.geometry, "add", 1.0,
+            "relu" if self.relu else None, [], "")
+
+
+class _PackedBlock(nn.Module):
+    """A torchvision BasicBlock / Bottleneck as 2-3 fused convolutions (+ a packed downsample)."""
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        convs = [getattr(block, f"conv{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+        self.convs = nn.ModuleList(PackedConv2d(c, relu=True, dtype=dtype) for c in convs)
+        self.downsample = None
+        if block.downsample is not None:
+            self.downsample = PackedConv2d(block.downsample[0], relu=False, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return self.convs[-1](x, identity)  # conv + residual + ReLU in one kernel
+
+
+class PackedResNetBody(nn.Module):
+    """conv1 .. layer4 of a batch-norm-folded ResNet body as packed, fused oneDNN convolutions.
+
+    forward(images [B,3,H,W]) -> C5 features [B,C,H/32,W/32] channels-last, in `dtype`.
+    """
+
+    def __init__(self, body: nn.Module, dtype: torch.dtype, pack_size: tuple[int, int] | None = (800, 1066)):
+        super().__init__()
+        if not all(isinstance(getattr(body, n), nn.Identity) for n in ("bn1",)):
+            raise ValueError("PackedResNetBody: fold the batch norms first (fold_batchnorms)")
+        self.stem = PackedConv2d(body.conv1, relu=True, dtype=dtype)
+        self.maxpool = body.maxpool
+        self.blocks = nn.Sequential(*[_PackedBlock(b, dtype) for layer in
+                                      (body.layer1, body.layer2, body.layer3, body.layer4) for b in layer])
+        self.dtype = dtype
+        if pack_size is not None:
+            self._pack(pack_size)
+
+    def _pack(self, size: tuple[int, int]) -> None:
+        sizes: dict[nn.Module, list[int]] = {}
+        convs = [m for m in self.modules() if isinstance(m, PackedConv2d)]
+        hooks = [c.register_forward_pre_hook(lambda mod, a: sizes.__setitem__(mod, list(a[0].shape))) for c in convs]
+        with torch.no_grad():
+            self(torch.zeros(1, 3, *size))
+        for h in hooks:
+            h.remove()
+        for c in convs:
+            c.pack(sizes[c])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.blocks(self.maxpool(self.stem(x)))
+
+
 def amx_bf16_available() -> bool:
     """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX)."""
     try:
@@ -174,14 +269,18 @@ def _to_float32(x):
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = torch.float32,
-                           channels_last: bool | None = None, compile: bool = False) -> InferenceDETR:
+                           channels_last: bool | None = None, compile: bool = False,
+                           packed: bool | None = None) -> InferenceDETR:
     """An optimised eval-only copy of `model` (a `DETR`); the original is not modified.
 
     dtype: torch.float32 (outputs within 1e-4 of the original), torch.bfloat16 / "bf16" (autocast,
       weights pre-cast), or None / "auto" for `default_inference_dtype` of the model's device.
     channels_last: NHWC convolution weights; None = on for bfloat16 and CUDA, where oneDNN/cuDNN
       are fastest with it.
-    compile: wrap the backbone and the transformer in torch.compile (first call is slow).
+    compile: wrap the backbone and the transformer in torch.compile (first call is slow); sets
+      torch._inductor.config.freezing so the compiled convolutions get packed weights.
+    packed: on CPU, run the ResNet as `PackedResNetBody` (oneDNN convolutions with pre-packed weights
+      and fused ReLU / residual); None = when available and not compiling.
     """
     device = next(model.parameters()).device
     if dtype in (None, "auto"):
@@ -201,6 +300,18 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = t
         channels_last = dtype != torch.float32 or device.type == "cuda"
     if channels_last:
         opt.to(memory_format=torch.channels_last)
+    if packed is None:
+        packed = device.type == "cpu" and not compile and mkldnn_fusion_available()
+    if packed:
+        if device.type != "cpu":
+            raise ValueError("optimize_for_inference: packed oneDNN convolutions run on the CPU only")
+        cfg = opt.cfg
+        long = min(int(round(cfg.image_size * 4 / 3)), cfg.max_image_size)
+        opt.backbone.body = PackedResNetBody(opt.backbone.body, dtype, (cfg.image_size, long))
     if dtype != torch.float32:
         _cast_matmul_weights(opt, dtype)
+    if compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     return InferenceDETR(opt, dtype, channels_last, compile)
