@@ -79,10 +79,11 @@ class OnnxDETR:
 
     __call__(images: list of [3,H,W] tensors | padded [B,3,H,W], mask [B,H,W] | None)
     -> {"pred_logits": [B,Q,C+1], "pred_boxes": [B,Q,4]} float32 torch tensors.
+    spin=False stops idle worker threads from busy-waiting (ONNX Runtime's default is to spin).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, spin: bool = False):
         import onnxruntime as ort
 
         path = Path(path)
@@ -92,6 +93,8 @@ class OnnxDETR:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:  # idle threads sleep instead of busy-waiting: fairer to other work on shared cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # onnxruntime raises its own exception types

@@ -5,10 +5,21 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops import misc
 
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _TRAINABLE = ("layer2", "layer3", "layer4")
+
+
+class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
+    """torchvision's frozen batch norm (same buffers and state-dict keys), computed as one fused
+    multiply-add in the input's dtype: under bf16 autocast the conv output stays bf16 instead of
+    being promoted to float32 by the float32 statistics (which cost a cast before every next conv)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
 
 
 class ResNetBody(nn.Module):
