@@ -1,0 +1,94 @@
+"""The main job: synthetic data -> train the detr-tiny preset on the CPU -> evaluate -> figures.
+
+`detrkit main-job --out runs/main` leaves in the run folder: data/ (train + val splits), final/ and
+best/ (native weights), last.pt, metrics.json (COCO numbers), metrics.jsonl, curves.png and
+predictions/*.png (validation images with the predicted boxes drawn).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# synthetic images small enough that the CPU trains many epochs in the budget
+DEFAULT_NUM_TRAIN = 1000
+DEFAULT_NUM_VAL = 100
+DEFAULT_IMAGE_SIZE = (128, 192)
+EVAL_RESERVE_MINUTES = 1.0  # final evaluation, checkpoint and figures
+
+
+def run_main_job(out_dir: str | os.PathLike, minutes: float = 15.0, preset: str = "detr-tiny",
+                 variant: str | None = None, num_train: int | None = None, num_val: int | None = None,
+                 sets: list[str] | None = None, num_figures: int = 6) -> dict:
+    """Run the whole job within `minutes` (wall clock, data generation included); returns a summary."""
+    from ..data.synthetic import make_synthetic_splits
+    from .commands import build_configs
+    from .train import train
+
+    t0 = time.monotonic()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_json, val_json = make_synthetic_splits(
+        out / "data", train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
+        variant=variant or "shapes", image_size=DEFAULT_IMAGE_SIZE)
+    model_cfg, train_cfg = build_configs(preset, None, sets)
+    spent = (time.monotonic() - t0) / 60
+    budget = minutes - spent - EVAL_RESERVE_MINUTES
+    if budget <= 0:
+        raise RuntimeError(f"making the data took {spent:.1f} of the {minutes} minutes; nothing left to train")
+    train_cfg.max_minutes = min(train_cfg.max_minutes or budget, budget)
+    log.info("main job: %.1f min for training (%s, %d epochs at most)", train_cfg.max_minutes, preset,
+             train_cfg.epochs)
+    result = train(model_cfg, train_cfg, train_json, val_json, out)
+    figures = draw_predictions(out / "final", val_json, out / "predictions", num_figures)
+    total = (time.monotonic() - t0) / 60
+    summary = {"minutes": total, "status": result.status, "steps": result.step, "epochs": result.epoch,
+               "metrics": result.metrics, "best_AP": result.best_ap, "figures": [str(f) for f in figures],
+               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    (out / "main_job.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def draw_predictions(weights: str | os.PathLike, annotations: str | os.PathLike, out_dir: str | os.PathLike,
+                     count: int = 6, threshold: float = 0.5) -> list[Path]:
+    """Draw the detections (score > threshold) of the first `count` images of a dataset; green = truth."""
+    from torchvision.io import write_png
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import draw_bounding_boxes
+
+    from ..data.coco import load_coco
+    from ..data.images import load_image
+    from ..data.transforms import resize_for_inference
+    from ..postprocess import postprocess
+    from .commands import load_weights
+
+    model, cfg = load_weights(weights)
+    index = load_coco(annotations)
+    by_image = index.annotations_by_image()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rec in index.images[:count]:
+        pil = load_image(rec.file)
+        x = resize_for_inference(pil, cfg.image_size, cfg.max_image_size)
+        with torch.no_grad():
+            o = model([x])
+        det = postprocess(o["pred_logits"], o["pred_boxes"], [[pil.height, pil.width]], threshold=threshold)[0]
+        img = F.pil_to_tensor(pil)
+        gt = torch.tensor([[a.bbox[0], a.bbox[1], a.bbox[0] + a.bbox[2], a.bbox[1] + a.bbox[3]]
+                           for a in by_image.get(rec.id, [])], dtype=torch.float32).reshape(-1, 4)
+        if len(gt):
+            img = draw_bounding_boxes(img, gt, colors="lime", width=1)
+        labels = [f"{cfg.class_names[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"], det["scores"])]
+        if len(det["boxes"]):
+            img = draw_bounding_boxes(img, det["boxes"], labels=labels, colors="red", width=2)
+        path = out / f"{Path(rec.file).stem}.png"
+        write_png(img, str(path))
+        paths.append(path)
+    return paths
