@@ -338,6 +338,10 @@ def bench_inference(args, device: torch.device, peaks: dict, tmp: Path) -> list[
         hf = _hf_model(model.cpu(), hf_dir).to(device)
         variants["transformers float32"] = lambda x, m: _hf_outputs(hf(pixel_values=x, pixel_mask=(~m).long()))
     model.to(device)
+    weight_bytes = {"detrkit float32": _module_bytes(fp32), "detrkit bf16 autocast": _module_bytes(bf16),
+                    "detrkit float32, unoptimised": _module_bytes(model)}
+    if hf is not None:
+        weight_bytes["transformers float32"] = _module_bytes(hf)
 
     rows: list[Row] = []
     flops_per_image = None
@@ -374,13 +378,19 @@ def bench_inference(args, device: torch.device, peaks: dict, tmp: Path) -> list[
                     r.check = (f"{r.seconds / t_hf:.2f}x HF time" + ("; " + r.check if r.check else ""))
         # memory: each variant alone in a fresh process (CPU), or the allocator's peak (CUDA)
         for r in rows[-len(variants):]:
-            r.mem_mb = _variant_memory(r.variant, batch, cfg, args, device, hf_dir, onnx_path, variants, images, mask)
+            r.mem_mb = _variant_memory(r.variant, batch, cfg, args, device, hf_dir, onnx_path, variants, images,
+                                       mask, weight_bytes)
     del fp32, bf16, hf
     gc.collect()
     return rows
 
 
-def _variant_memory(name, batch, cfg, args, device, hf_dir, onnx_path, variants, images, mask) -> float | None:
+def _module_bytes(m) -> int:
+    return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+
+def _variant_memory(name, batch, cfg, args, device, hf_dir, onnx_path, variants, images, mask,
+                    weight_bytes: dict) -> float | None:
     if args.no_memory or "compile" in name:
         return None
     if device.type == "cuda":
@@ -391,7 +401,8 @@ def _variant_memory(name, batch, cfg, args, device, hf_dir, onnx_path, variants,
         with torch.inference_mode():
             variants[name](images, mask)
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 + base / 2 ** 20
+        # every variant's weights share the GPU: count this variant's own weights plus its peak above base
+        return (torch.cuda.max_memory_allocated(device) - base + weight_bytes.get(name, 0)) / 2 ** 20
     kind = {"detrkit float32": "fp32", "detrkit bf16 autocast": "bf16", "detrkit float32, unoptimised": "eager",
             "ONNX Runtime float32": "onnx", "transformers float32": "hf"}.get(name)
     if kind is None:
@@ -462,7 +473,8 @@ def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[R
             return total.detach()
         return step
 
-    steps["detrkit float32"] = ours(False, device.type == "cuda")
+    # channels-last backbone: oneDNN / cuDNN's fastest layout for forward and backward
+    steps["detrkit float32"] = ours(False, True)
     steps["detrkit bf16 autocast"] = ours(True, True)
 
     hf_step = None
@@ -608,6 +620,34 @@ def bench_coco_eval(args) -> list[Row]:
                 sec, sec / n_images, check=note)]
 
 
+def bench_decode(args) -> list[Row]:
+    """JPEG decoding to a float [3,H,W] tensor: PIL (what most loaders use) against torchvision.io."""
+    files = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[:32] if COCO128.is_dir() else []
+    if not files:
+        return []
+    from PIL import Image
+    from torchvision.io import decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    def pil():
+        for f in files:
+            with Image.open(f) as im:
+                TF.to_dtype(TF.pil_to_tensor(im.convert("RGB")), torch.float32, scale=True)
+
+    def tvio():
+        for f in files:
+            decode_jpeg(read_file(str(f)), mode=torchvision_rgb()).float().div_(255)
+
+    times = time_interleaved({"PIL": pil, "torchvision.io": tvio}, 1, max(3, args.runs), desc="decode")
+    t_pil = statistics.median(times["PIL"])
+    rows = []
+    for name, label in (("PIL", "PIL open + convert + to tensor"), ("torchvision.io", "torchvision.io decode_jpeg")):
+        sec = statistics.median(times[name])
+        rows.append(Row(f"JPEG decode, {len(files)} coco128 images", label, 1, sec, sec / len(files),
+                        check=f"{sec / t_pil:.2f}x PIL time" if name != "PIL" else ""))
+    return rows
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 def run_bench(args) -> tuple[str, list[Row]]:
@@ -616,7 +656,8 @@ def run_bench(args) -> tuple[str, list[Row]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    sizes = (2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072)
+    peaks = {"fp32": matmul_peak(torch.float32, device, sizes), "bf16": matmul_peak(torch.bfloat16, device, sizes)}
     logger.info("matmul peak: float32 %.0f GFLOP/s, bf16 %.0f GFLOP/s", peaks["fp32"] / 1e9, peaks["bf16"] / 1e9)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="detrkit-bench-") as tmp:
@@ -629,11 +670,13 @@ def run_bench(args) -> tuple[str, list[Row]]:
         rows += bench_matcher(args, device)
     if "coco" in args.only:
         rows += bench_coco_eval(args)
+    if "decode" in args.only:
+        rows += bench_decode(args)
     command = "detrkit " + " ".join(args.argv or sys.argv[1:])
     report = "\n".join([
         f"Machine: {machine_description(device)}",
         f"Measured matmul peak: float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
-        f"(square matmuls, best of 1024-3072)",
+        f"(square matmuls, best of {sizes[0]}-{sizes[-1]})",
         f"Command: `{command.strip()}` ({args.warmup} warm-up + {args.runs} timed rounds, medians; "
         f"took {time.time() - t0:.0f} s)",
         "",
@@ -678,8 +721,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory probes")
-    p.add_argument("--only", nargs="+", default=["inference", "train", "matcher", "coco"],
-                   choices=["inference", "train", "matcher", "coco"])
+    p.add_argument("--only", nargs="+", default=["inference", "train", "matcher", "coco", "decode"],
+                   choices=["inference", "train", "matcher", "coco", "decode"])
     p.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     p.set_defaults(func=_cmd, argv=None)
 
