@@ -419,7 +419,10 @@ def train(
                 sampler.set_epoch(epoch)
                 order = list(sampler)
             train_set.epoch = epoch
-            loader = DataLoader(train_set, batch_size=bs, sampler=order[batches_done * bs:],
+            # its own generator: creating the iterator must not draw from the global RNG (dropout), or a
+            # resumed run, which creates one more iterator, would diverge
+            loader_rng = torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch)
+            loader = DataLoader(train_set, batch_size=bs, sampler=order[batches_done * bs:], generator=loader_rng,
                                 collate_fn=collate, num_workers=train_cfg.num_workers,
                                 worker_init_fn=_ignore_signals if train_cfg.num_workers else None)
             micro, group_bad, group_images = 0, False, 0
