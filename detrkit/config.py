@@ -11,8 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class _DictIO:
+    """to_dict / from_dict for a config dataclass; unknown keys are an error, not silently dropped."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_DictIO):
     """Everything needed to rebuild a DETR network, including what its class indices mean.
 
     Class index ``i`` (0-based, contiguous) means dataset category ``category_ids[i]`` named
@@ -58,23 +72,13 @@ class ModelConfig:
     def with_classes(self, class_names: list[str], category_ids: list[int] | None = None) -> "ModelConfig":
         return dataclasses.replace(self, class_names=list(class_names), category_ids=list(category_ids or []))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_DictIO):
     """A training run. Defaults are the paper's recipe (reference section 8)."""
 
     lr: float = 1e-4
@@ -113,16 +117,6 @@ class TrainConfig:
     eval_every_epochs: int = 1
     skip_bad: bool = True
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
