@@ -112,6 +112,21 @@ def test_attention_maps_survive_optimisation(model):
     torch.testing.assert_close(got["decoder_cross"], ref["decoder_cross"], atol=1e-4, rtol=0)
 
 
+def test_original_is_untouched_and_unchanged_weights_are_shared(model):
+    before = {k: (v.clone(), v.dtype, v.stride()) for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    fp32 = optimize_for_inference(model, torch.float32, channels_last=True)
+    optimize_for_inference(model, torch.bfloat16)
+    for k, v in model.state_dict().items():
+        ref, dtype, stride = before[k]
+        assert v.dtype == dtype and v.stride() == stride and torch.equal(v, ref), k
+    assert grads == {k: p.requires_grad for k, p in model.named_parameters()}
+    # the float32 copy reuses the transformer's tensors instead of duplicating them
+    assert fp32.model.transformer.encoder.layers[0].linear1.weight is model.transformer.encoder.layers[0].linear1.weight
+    with pytest.raises(ValueError, match="already optimised"):
+        optimize_for_inference(fp32)
+
+
 def test_bad_dtype_is_rejected(model):
     with pytest.raises(ValueError, match="unsupported dtype"):
         optimize_for_inference(model, torch.int8)

@@ -4,11 +4,15 @@
 contract as `DETR`:
 - every frozen batch norm folded into the convolution before it (one conv instead of conv + scale
   + shift; float32 results agree to rounding),
-- optionally channels-last convolution weights (oneDNN's native layout),
+- on CPU, the ResNet run as `PackedResNetBody`: oneDNN convolutions with weights pre-packed in its
+  blocked layout and the ReLU / residual add + ReLU fused into the convolution kernel (what
+  torch.compile's CPU backend does, without the compile time),
+- otherwise channels-last convolution weights (cuDNN's and oneDNN's fastest layout),
 - optionally bfloat16: convolution and linear weights cast once, the forward run under autocast so
   norms, softmax and the box sigmoid stay float32; outputs come back float32,
 - optionally `torch.compile`.
-The original model is not touched and its state-dict keys are unchanged.
+The original model is not touched and its state-dict keys are unchanged. The copy is for running
+only: packed oneDNN weights cannot be moved to another device, saved or deep-copied.
 """
 from __future__ import annotations
 
@@ -195,15 +199,41 @@ def default_inference_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.float32
 
 
+def _replace_param(module: nn.Module, name: str, value: Tensor) -> None:
+    """A new frozen Parameter: never write into `.data`, the tensor may be shared with the original."""
+    setattr(module, name, nn.Parameter(value, requires_grad=False))
+
+
 def _cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the weights autocast would cast on every call (conv, linear, packed attention
     projections) once, ahead of time; norms and embeddings stay float32."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.to(dtype)
+            names = ("weight", "bias")
         elif isinstance(m, MultiheadAttention):
-            m.in_proj_weight.data = m.in_proj_weight.data.to(dtype)
-            m.in_proj_bias.data = m.in_proj_bias.data.to(dtype)
+            names = ("in_proj_weight", "in_proj_bias")
+        else:
+            continue
+        for name in names:
+            if getattr(m, name, None) is not None:
+                _replace_param(m, name, getattr(m, name).detach().to(dtype))
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original's tensors (no second
+    copy of the weights in memory); the optimisations below replace tensors, never modify them."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, inflating the RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class InferenceDETR(nn.Module):
@@ -271,7 +301,9 @@ def _to_float32(x):
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = torch.float32,
                            channels_last: bool | None = None, compile: bool = False,
                            packed: bool | None = None) -> InferenceDETR:
-    """An optimised eval-only copy of `model` (a `DETR`); the original is not modified.
+    """An optimised eval-only copy of `model` (a `DETR`); the original is not modified. Unchanged
+    float32 tensors (transformer, heads) are shared with the original rather than copied, so keeping
+    both costs only the rewritten backbone (and the bf16 casts).
 
     dtype: torch.float32 (outputs within 1e-4 of the original), torch.bfloat16 / "bf16" (autocast,
       weights pre-cast), or None / "auto" for `default_inference_dtype` of the model's device.
@@ -291,15 +323,16 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = t
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"optimize_for_inference: unsupported dtype {dtype!r}")
     if isinstance(model, InferenceDETR):
-        model = model.model
-    opt = copy.deepcopy(model).eval()
-    opt.requires_grad_(False)
+        raise ValueError("optimize_for_inference: the model is already optimised; pass the original DETR")
+    opt = _shared_copy(model).eval()
     n = fold_batchnorms(opt.backbone)
     logger.debug("folded %d batch norms into convolutions", n)
     if channels_last is None:
         channels_last = dtype != torch.float32 or device.type == "cuda"
     if channels_last:
-        opt.to(memory_format=torch.channels_last)
+        for m in opt.modules():
+            if isinstance(m, nn.Conv2d):
+                _replace_param(m, "weight", m.weight.detach().contiguous(memory_format=torch.channels_last))
     if packed is None:
         packed = device.type == "cpu" and not compile and mkldnn_fusion_available()
     if packed:
@@ -314,4 +347,5 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = t
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
+    _release_freed_memory()
     return InferenceDETR(opt, dtype, channels_last, compile)
