@@ -78,6 +78,26 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=(1024, 2048, 307
     return best
 
 
+class PeakProbe:
+    """Square matmuls timed inside the same interleaved rounds as the model, so the peak and the model
+    see the same machine load. `fns()` adds them to a round; `update(times)` keeps the best median."""
+
+    def __init__(self, device: torch.device, n: int, peaks: dict):
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.n, self.peaks = n, peaks
+        self.mats = {k: [torch.randn(n, n, device=device, generator=gen).to(dt) for _ in range(2)]
+                     for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+    def fns(self) -> dict[str, Callable]:
+        return {f"_peak_{k}": (lambda a=a, b=b: a @ b) for k, (a, b) in self.mats.items()}
+
+    def update(self, times: dict[str, list[float]]) -> None:
+        for k in self.mats:
+            t = times.pop(f"_peak_{k}", None)
+            if t:
+                self.peaks[k] = max(self.peaks.get(k, 0.0), 2 * self.n ** 3 / statistics.median(t))
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs (2 per multiply-add) of the matmuls, convolutions and attention `fn` runs."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -344,6 +364,7 @@ def bench_inference(args, device: torch.device, peaks: dict, tmp: Path) -> list[
         weight_bytes["transformers float32"] = _module_bytes(hf)
 
     rows: list[Row] = []
+    probe = PeakProbe(device, args.peak_size, peaks)
     flops_per_image = None
     for batch in args.batches:
         images = _inference_images(batch, args.size, device)
@@ -354,14 +375,16 @@ def bench_inference(args, device: torch.device, peaks: dict, tmp: Path) -> list[
             logger.info("detr inference: %.1f GFLOPs per %dx%d image", flops_per_image / 1e9, *args.size)
         with torch.inference_mode():
             outs = {name: fn(images, mask) for name, fn in variants.items()}
-            times = time_interleaved({n: (lambda fn=fn: fn(images, mask)) for n, fn in variants.items()},
-                                     args.warmup, args.runs, device, desc=f"inference batch {batch}")
+            fns = {n: (lambda fn=fn: fn(images, mask)) for n, fn in variants.items()}
+            times = time_interleaved({**fns, **probe.fns()}, args.warmup, args.runs, device,
+                                     desc=f"inference batch {batch}")
+            probe.update(times)
         ref = outs["detrkit float32"]
         for name in variants:
             sec = statistics.median(times[name])
             per_image = sec / batch
             low = "bf16" in name
-            share = flops_per_image / per_image / peaks["bf16" if low else "fp32"]
+            share_of = (flops_per_image / per_image, "bf16" if low else "fp32")
             if "ONNX" in name or "transformers" in name or "unoptimised" in name or "compile" in name and not low:
                 check = f"max diff vs detrkit fp32 {max_abs_diff(outs[name], ref):.1e}"
             elif low:
@@ -370,7 +393,7 @@ def bench_inference(args, device: torch.device, peaks: dict, tmp: Path) -> list[
                          f"max box diff {c['max_box_diff']:.4f})")
             else:
                 check = ""
-            rows.append(Row("inference", name, batch, sec, per_image, peak_share=share, check=check))
+            rows.append(Row("inference", name, batch, sec, per_image, check=check, extra={"flops": share_of}))
         if "transformers float32" in times:
             t_hf = statistics.median(times["transformers float32"])
             for r in rows[-len(variants):]:
@@ -505,7 +528,9 @@ def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[R
             steps["transformers bf16 autocast"] = hf_step(True)
 
     flops = count_flops(lambda: steps["detrkit float32"]()) / batch
-    times = time_interleaved(steps, args.warmup, args.runs, device, desc="training step")
+    probe = PeakProbe(device, args.peak_size, peaks)
+    times = time_interleaved({**steps, **probe.fns()}, args.warmup, args.runs, device, desc="training step")
+    probe.update(times)
     rows = []
     t_hf = statistics.median(times["transformers float32"]) if "transformers float32" in times else None
     for name in steps:
@@ -513,7 +538,7 @@ def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[R
         low = "bf16" in name
         check = f"{t_hf / sec:.2f}x HF float32 images/s" if t_hf and "transformers float32" != name else ""
         rows.append(Row(f"train step {args.train_preset}", name, batch, sec, sec / batch,
-                        peak_share=flops / (sec / batch) / peaks["bf16" if low else "fp32"], check=check))
+                        check=check, extra={"flops": (flops / (sec / batch), "bf16" if low else "fp32")}))
     return rows
 
 
@@ -656,9 +681,10 @@ def run_bench(args) -> tuple[str, list[Row]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    sizes = (2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072)
+    # the peak: best of a standalone measurement and the matmuls timed inside each section's rounds
+    args.peak_size = 8192 if device.type == "cuda" else 2048
+    sizes = (args.peak_size,)
     peaks = {"fp32": matmul_peak(torch.float32, device, sizes), "bf16": matmul_peak(torch.bfloat16, device, sizes)}
-    logger.info("matmul peak: float32 %.0f GFLOP/s, bf16 %.0f GFLOP/s", peaks["fp32"] / 1e9, peaks["bf16"] / 1e9)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="detrkit-bench-") as tmp:
         tmp = Path(tmp)
@@ -666,6 +692,11 @@ def run_bench(args) -> tuple[str, list[Row]]:
             rows += bench_inference(args, device, peaks, tmp)
         if "train" in args.only:
             rows += bench_training(args, device, peaks, tmp)
+    for r in rows:  # shares of the final (highest) measured peak
+        if "flops" in r.extra:
+            flops_per_s, kind = r.extra["flops"]
+            r.peak_share = flops_per_s / peaks[kind]
+    logger.info("matmul peak: float32 %.0f GFLOP/s, bf16 %.0f GFLOP/s", peaks["fp32"] / 1e9, peaks["bf16"] / 1e9)
     if "matcher" in args.only:
         rows += bench_matcher(args, device)
     if "coco" in args.only:
@@ -676,7 +707,8 @@ def run_bench(args) -> tuple[str, list[Row]]:
     report = "\n".join([
         f"Machine: {machine_description(device)}",
         f"Measured matmul peak: float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
-        f"(square matmuls, best of {sizes[0]}-{sizes[-1]})",
+        f"({sizes[0]}x{sizes[0]} matmuls, best median of a standalone run and those timed inside each "
+        f"section's rounds; the % column uses the final peak)",
         f"Command: `{command.strip()}` ({args.warmup} warm-up + {args.runs} timed rounds, medians; "
         f"took {time.time() - t0:.0f} s)",
         "",

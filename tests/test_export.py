@@ -60,3 +60,16 @@ def test_onnx_accepts_a_list_and_rejects_a_missing_file(exported, tmp_path):
     torch.testing.assert_close(got["pred_boxes"], ref["pred_boxes"], atol=1e-4, rtol=0)
     with pytest.raises(FileNotFoundError, match="no.onnx"):
         OnnxDETR(tmp_path / "no.onnx")
+
+
+def test_export_command_writes_a_verified_file(exported, tmp_path):
+    from detrkit.cli import main
+    from detrkit.weights.native import save_native
+
+    model, _ = exported
+    weights = save_native(model.state_dict(), model.cfg, tmp_path / "weights")
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "onnx", "--weights", str(weights), "--out", str(out), "--verify"]) == 0
+    assert out.stat().st_size > 0
+    with pytest.raises(FileNotFoundError):
+        main(["export", "onnx", "--weights", str(tmp_path / "missing"), "--out", str(out)])
