@@ -1,7 +1,6 @@
 """`Detector`: a DETR model with its config, ready to load weights and detect objects."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -51,11 +50,32 @@ class Detector:
     """
 
     def __init__(self, model: DETR, config: ModelConfig | None = None, device: str | torch.device = "cpu",
-                 amp: str = "none"):
+                 precision: str = "float32"):
+        """precision: "float32" (the reference numbers), "bf16" (autocast; same top detections,
+        several times faster on CPUs with AMX and on GPUs) or "auto" (bf16 where it is fast)."""
+        if precision not in ("float32", "bf16", "auto"):
+            raise ValueError(f"precision must be 'float32', 'bf16' or 'auto', got {precision!r}")
         self.model = model.eval().to(device)
         self.config = config or model.cfg
         self.device = torch.device(device)
-        self.amp = amp
+        self.precision = precision
+        self._runner: torch.nn.Module | None = None
+        self._runner_key: tuple | None = None
+
+    def _inference_model(self) -> torch.nn.Module:
+        """An optimised copy of `self.model` (batch norm folded into convolutions, packed oneDNN
+        kernels on CPU, bf16 weights when asked), rebuilt whenever the weights or device change.
+        Any other module (a stand-in in tests, a wrapper of the user's) runs as it is."""
+        if type(self.model) is not DETR:
+            return self.model
+        key = (self.precision, self.device, tuple(p._version for p in self.model.parameters()),
+               tuple(id(p) for p in self.model.parameters()))
+        if self._runner is None or key != self._runner_key:
+            from .model.fuse import optimize_for_inference
+
+            dtype = {"float32": torch.float32, "bf16": torch.bfloat16, "auto": "auto"}[self.precision]
+            self._runner, self._runner_key = optimize_for_inference(self.model.eval(), dtype), key
+        return self._runner
 
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -64,7 +84,7 @@ class Detector:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", *,
-                        dilation: bool | None = None, amp: str = "none") -> "Detector":
+                        dilation: bool | None = None, precision: str = "float32") -> "Detector":
         """A native dir/.safetensors, an authors' .pth, a Hugging Face dir, or a published name."""
         sd, cfg = load_weights(source, dilation=dilation)
         model = build_model(cfg)
@@ -72,7 +92,7 @@ class Detector:
         if missing or unexpected:
             raise ValueError(f"{source}: weights do not fit the model: missing {missing[:5]}"
                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-        return cls(model, cfg, device=device, amp=amp)
+        return cls(model, cfg, device=device, precision=precision)
 
     def save_pretrained(self, path: str | Path) -> Path:
         return native.save_native(self.model.state_dict(), self.config, path)
@@ -103,8 +123,7 @@ class Detector:
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             tensors, sizes = self.preprocess(items[start: start + batch_size])
-            with self._autocast():
-                out = self.model(tensors, batch_invariant=True)
+            out = self._inference_model()(tensors, batch_invariant=True)
             for r, size in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes):
                 labels = r["labels"].cpu()
                 results.append(Detections(
@@ -114,11 +133,6 @@ class Detector:
                     image_size=size,
                 ))
         return results
-
-    def _autocast(self):
-        if self.amp == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 def _as_list(images: Any) -> list:

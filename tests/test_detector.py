@@ -101,3 +101,22 @@ def test_published_name_downloads_into_cache_with_hash_check(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="hash"):
         hub.published_path("detr-r101")
     assert not (tmp_path / "cache" / name.replace("r50", "r101")).exists()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_optimised_inference_matches_the_plain_model(tiny, precision):
+    from detrkit.postprocess import postprocess
+
+    det = Detector(tiny.model, tiny.config, precision=precision)
+    im = torch.rand(3, 100, 150)
+    fast = det.predict(im, threshold=None)[0]
+    tensors, sizes = det.preprocess(im)
+    with torch.no_grad():
+        out = tiny.model(tensors)
+    ref = postprocess(out["pred_logits"], out["pred_boxes"], sizes)[0]
+    if precision == "float32":
+        assert torch.allclose(fast.scores, ref["scores"], atol=1e-4)
+        assert torch.allclose(fast.boxes, ref["boxes"], atol=1e-2)  # pixels: 1e-4 of the size
+    else:  # same best queries, boxes within 1% of the image size
+        assert torch.equal(fast.labels[:3], ref["labels"][:3])
+        assert (fast.boxes[:3] - ref["boxes"][:3]).abs().max() < 0.01 * 150

@@ -142,7 +142,7 @@ def train_command(args: argparse.Namespace) -> int:
     )
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
-                   val_split=args.val_split)
+                   val_split=args.val_split, init_weights=args.weights, keep_class_names=args.keep_class_names)
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; continue with: detrkit train ... --out {args.out} --resume")
         return 0
@@ -164,7 +164,7 @@ def _set_threads(threads: int | None) -> None:
 
 # -------------------------------------------------------------------------------------------- eval
 def load_weights(path: str | os.PathLike):
-    """A model from native weights (directory or .safetensors) or a training checkpoint (last.pt)."""
+    """A model from a training checkpoint (last.pt) or any weights Detector.from_pretrained takes."""
     from ..model import build_model
 
     path = Path(path)
@@ -177,9 +177,9 @@ def load_weights(path: str | os.PathLike):
         cfg = ModelConfig.from_dict(state["model_cfg"])
         weights = state["ema"] if state.get("ema") is not None else state["model"]
     else:
-        from ..weights.native import load_native
+        from ..detector import load_weights as load_any
 
-        weights, cfg = load_native(path)
+        weights, cfg = load_any(path)
     model = build_model(cfg)
     model.load_state_dict(weights)
     return model.eval(), cfg
@@ -274,6 +274,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--amp", choices=["none", "bf16"])
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--weights", help="fine-tune from these weights (published name, native, authors' .pth or "
+                                     "Hugging Face dir); the class head is re-initialised for the dataset")
+    p.add_argument("--keep-class-names", action="store_true",
+                   help="with --weights: keep the head rows of classes whose names the checkpoint also has")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=train_command)

@@ -222,6 +222,8 @@ def train(
     progress: bool = True,
     step_callback: Callable[[int, nn.Module], None] | None = None,
     check_data: bool = True,
+    init_weights: str | os.PathLike | None = None,
+    keep_class_names: bool = False,
 ) -> TrainResult:
     """Train (or resume) a DETR run into `out_dir`.
 
@@ -229,6 +231,9 @@ def train(
     None (no evaluation). The class names and category ids of train_data are set into model_cfg.
     Budget: train_cfg.epochs, .max_steps (optimizer steps) and .max_minutes, whichever comes first.
     step_callback(step, model) runs on every rank after each optimizer step (tests, monitoring).
+    init_weights: fine-tune from these weights (a published name or any file Detector.from_pretrained
+    takes): the architecture comes from them, the class head is re-initialised for the dataset's classes
+    (keep_class_names keeps the rows of classes with the same name).
     Under torchrun (WORLD_SIZE > 1) it joins the process group and trains with DDP.
     """
     t_start = time.monotonic()
@@ -274,7 +279,17 @@ def train(
     from ..model import build_model
 
     torch.manual_seed(train_cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
-    model = build_model(model_cfg).to(dev)
+    init_state = None
+    if init_weights is not None:
+        from .finetune import prepare_finetune
+
+        init = prepare_finetune(init_weights, model_cfg.class_names, model_cfg.category_ids,
+                                keep_class_names=keep_class_names, seed=train_cfg.seed)
+        model_cfg, init_state = init.config, init.state_dict
+    model = build_model(model_cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(dev)
     if train_cfg.lr_backbone <= 0:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
