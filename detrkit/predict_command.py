@@ -162,7 +162,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not paths:
         log.error("no images to process")
         return 2
-    detector = Detector.from_pretrained(args.weights, device=args.device)
+    detector = Detector.from_pretrained(args.weights, device=args.device, precision=args.precision)
     summary = predict_files(detector, paths, out_dir=args.out, threshold=args.threshold, top_k=args.top_k,
                             batch_size=args.batch_size, progress=not args.no_progress)
     if args.json is not None:
@@ -192,6 +192,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="keep at most K detections per image")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
+                   help="auto (default): bf16 where it is fast (CPUs with AMX, recent GPUs), else float32")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
