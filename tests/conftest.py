@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def shared_data(name: str) -> str:
+def shared_data(name: str) -> Path:
     """Path of a development data set beside the checkout; the test skips when it is absent."""
-    path = os.path.abspath(os.path.join(SHARED, name))
-    if not os.path.isdir(path):
+    path = Path(SHARED, name).resolve()
+    if not path.is_dir():
         pytest.skip(f"{path} not present")
     return path

@@ -10,14 +10,7 @@ from PIL import Image
 from detrkit.cli import main as cli_main
 from detrkit.data.check import check_dataset
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared(name: str) -> Path:
-    p = SHARED / name
-    if not p.is_dir():
-        pytest.skip(f"{p} not present")
-    return p
+from conftest import shared_data as shared
 
 
 def write_image(path: Path, size, exif_orientation: int | None = None) -> None:

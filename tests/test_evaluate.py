@@ -15,7 +15,9 @@ from detrkit.data.dataset import collate
 from detrkit.engine.evaluate import STAT_NAMES, CocoEvaluator, evaluate, predictions_to_coco_results
 from detrkit.model.detr import build_model
 
-COCO128 = Path("/work/shared/data/coco128/annotations/instances_train2017.json")
+from conftest import SHARED
+
+COCO128 = Path(SHARED, "coco128", "annotations", "instances_train2017.json").resolve()
 
 
 def noisy_predictions(gt: dict, seed: int = 0) -> list[dict]:

@@ -13,14 +13,7 @@ from detrkit.data.formats import convert, detect_format, load_annotations
 from detrkit.data.voc import load_voc
 from detrkit.data.yolo import load_yolo
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared(name: str) -> Path:
-    p = SHARED / name
-    if not p.is_dir():
-        pytest.skip(f"{p} not present")
-    return p
+from conftest import shared_data as shared
 
 
 def write_image(path: Path, size=(100, 50)) -> Path:

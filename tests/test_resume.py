@@ -22,14 +22,6 @@ MODEL = dict(dropout=0.1)
 TRAIN = dict(epochs=2, batch_size=2, hflip=True, train_scales=[48, 56, 64], lr=5e-4)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def _final(run: Path) -> dict:
     return load_checkpoint(run / "last.pt")
 

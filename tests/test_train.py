@@ -15,14 +15,6 @@ from detrkit.losses import SetCriterion
 from _train_helpers import tiny_data, tiny_model, tiny_train
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_lr_schedule_warmup_step_and_cosine():
     assert lr_factor(0, 100, "step", drop_step=50, warmup_steps=4) == pytest.approx(1 / 5)
     assert lr_factor(3, 100, "step", drop_step=50, warmup_steps=4) == pytest.approx(4 / 5)
