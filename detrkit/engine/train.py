@@ -617,11 +617,8 @@ def _save_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
 
 
 def save_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Loss terms and AP / AP50 over training (from RUN_DIR/metrics.jsonl) as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from ..viz.curves import plot_training_curves
+    """Loss terms and AP / AP50 over training (from RUN_DIR/metrics.jsonl) as a PNG."""
+    from ..viz.curves import plot_training_curves  # builds a Figure without pyplot: no backend needed
 
     fig = plot_training_curves(run_dir)
     out_png = Path(out_png)
