@@ -211,7 +211,8 @@ def test_forward_contract_and_presets():
     assert torch.equal(out["pred_logits"], same["pred_logits"])
 
 
-@pytest.mark.parametrize("variant", [dict(pre_norm=True), dict(position_embedding="learned")])
+@pytest.mark.parametrize("variant", [dict(pre_norm=True), dict(position_embedding="learned"),
+                                     dict(queries_at="input")])
 def test_variants_round_trip_native(tmp_path, variant):
     cfg = get_preset("detr-tiny").model.with_classes(["a", "b"])
     cfg = ModelConfig.from_dict({**cfg.to_dict(), **variant})
@@ -226,6 +227,37 @@ def test_variants_round_trip_native(tmp_path, variant):
     x = [torch.randn(3, 64, 64)]
     with torch.no_grad():
         assert torch.equal(model(x)["pred_logits"], model2(x)["pred_logits"])
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_object_queries_at_the_decoder_input(pre_norm):
+    """queries_at="input" feeds the queries as the decoder's first input and never adds them again."""
+    base = get_preset("detr-tiny").model.with_classes(["a", "b"]).to_dict()
+    at_attn = build_model(ModelConfig.from_dict({**base, "pre_norm": pre_norm, "queries_at": "attention"})).eval()
+    at_input = build_model(ModelConfig.from_dict({**base, "pre_norm": pre_norm, "queries_at": "input"})).eval()
+    at_input.load_state_dict(at_attn.state_dict())  # same parameters, same keys
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = (args[0].clone(), args[3])
+        return hook
+
+    hooks = [m.transformer.decoder.layers[0].register_forward_pre_hook(record(n))
+             for n, m in (("attention", at_attn), ("input", at_input))]
+    x = [torch.randn(3, 64, 80)]
+    with torch.no_grad():
+        a, b = at_attn(x), at_input(x)
+    for h in hooks:
+        h.remove()
+    queries = at_attn.query_embed.weight[None]
+    assert torch.equal(seen["attention"][0], torch.zeros_like(queries)) and torch.equal(seen["attention"][1], queries)
+    assert torch.equal(seen["input"][0], queries) and seen["input"][1] is None
+    assert not torch.allclose(a["pred_boxes"], b["pred_boxes"])
+    with pytest.raises(ValueError, match="pre-norm" if pre_norm else "queries_at"):
+        huggingface.hf_config(at_input.cfg)
+    with pytest.raises(ValueError, match="queries_at"):
+        ModelConfig.from_dict({**base, "queries_at": "output"})
 
 
 def test_damaged_native_weights_are_refused(tmp_path):

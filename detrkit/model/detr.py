@@ -70,7 +70,7 @@ class DETR(nn.Module):
         self.position = build_position_embedding(cfg.position_embedding, d)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
         self.transformer = Transformer(d, cfg.nheads, cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward,
-                                       cfg.dropout, cfg.pre_norm)
+                                       cfg.dropout, cfg.pre_norm, cfg.queries_at)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.bbox_embed = MLP(d, d, 4, 3)

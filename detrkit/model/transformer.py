@@ -103,22 +103,27 @@ class DecoderLayer(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
-    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor | None,
                 memory_key_padding_mask: Tensor | None, need_weights: bool = False
                 ) -> tuple[Tensor, Tensor | None]:
-        """tgt, query_pos [B,Q,d]; memory, pos [B,N,d] -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
+        """tgt, query_pos [B,Q,d] (None: queries were given at the input); memory, pos [B,N,d]
+        -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
         mem_k = memory + pos
+
+        def with_pos(x: Tensor) -> Tensor:
+            return x if query_pos is None else x + query_pos
+
         if self.pre_norm:
             x = self.norm1(tgt)
-            qk = x + query_pos
+            qk = with_pos(x)
             tgt = tgt + self.dropout(self.self_attn(qk, qk, x)[0])
             x = self.norm2(tgt)
-            attn, w = self.multihead_attn(x + query_pos, mem_k, memory, memory_key_padding_mask, need_weights)
+            attn, w = self.multihead_attn(with_pos(x), mem_k, memory, memory_key_padding_mask, need_weights)
             tgt = tgt + self.dropout(attn)
             return tgt + self._ffn(self.norm3(tgt)), w
-        qk = tgt + query_pos
+        qk = with_pos(tgt)
         tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)[0]))
-        attn, w = self.multihead_attn(tgt + query_pos, mem_k, memory, memory_key_padding_mask, need_weights)
+        attn, w = self.multihead_attn(with_pos(tgt), mem_k, memory, memory_key_padding_mask, need_weights)
         tgt = self.norm2(tgt + self.dropout(attn))
         return self.norm3(tgt + self._ffn(tgt)), w
 
@@ -156,11 +161,22 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     """forward(src [B,N,d], mask [B,N], query_embed [Q,d], pos [B,N,d])
-    -> hs [L,B,Q,d] (every decoder layer, after the shared norm), memory [B,N,d], attention dict."""
+    -> hs [L,B,Q,d] (every decoder layer, after the shared norm), memory [B,N,d], attention dict.
+
+    queries_at: "attention" (released DETR: the decoder starts from zeros and the object queries are
+    added to queries and keys in every attention) or "input" (the paper's Table 3 variant: the object
+    queries are the decoder's input and are not added again). Fed at the input, each query carries its
+    identity in the values too, so the slots differ from the first step instead of only through where
+    they attend -- which is what lets a from-scratch model leave the early "every query alike" phase.
+    """
 
     def __init__(self, d: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False):
+                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False,
+                 queries_at: str = "attention"):
         super().__init__()
+        if queries_at not in ("attention", "input"):
+            raise ValueError(f"queries_at must be 'attention' or 'input', got {queries_at!r}")
+        self.queries_at = queries_at
         self.encoder = Encoder(enc_layers, d, nheads, dim_feedforward, dropout, pre_norm)
         self.decoder = Decoder(dec_layers, d, nheads, dim_feedforward, dropout, pre_norm)
         self.d_model, self.nhead = d, nheads
@@ -173,7 +189,10 @@ class Transformer(nn.Module):
         b = src.shape[0]
         query_pos = query_embed[None].expand(b, -1, -1)
         memory, enc_w = self.encoder(src, pos, mask, need_weights)
-        tgt = torch.zeros_like(query_pos)
+        if self.queries_at == "input":
+            tgt, query_pos = query_pos, None
+        else:
+            tgt = torch.zeros_like(query_pos)
         hs, dec_w = self.decoder(tgt, memory, pos, query_pos, mask, need_weights)
         attention = {}
         if need_weights:

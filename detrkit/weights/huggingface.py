@@ -169,6 +169,9 @@ def hf_config(cfg: ModelConfig) -> dict:
     """config.json for transformers' DetrForObjectDetection (timm ResNet backbone)."""
     if cfg.pre_norm:
         raise ValueError("transformers' DETR has no pre-norm variant; this model cannot be exported to it")
+    if cfg.queries_at != "attention":
+        raise ValueError("transformers' DETR adds the object queries in every attention (queries_at='attention'); "
+                         f"this model has queries_at={cfg.queries_at!r} and cannot be exported to it")
     id2label = {str(i): n for i, n in enumerate(cfg.class_names)}
     return {
         "architectures": ["DetrForObjectDetection"], "model_type": "detr", "is_encoder_decoder": True,
