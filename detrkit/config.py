@@ -147,7 +147,7 @@ PRESETS: dict[str, Preset] = {
         ),
         TrainConfig(
             # backbone from scratch with frozen (identity) BN: at lr 4e-4 its activations blow up (NaN)
-            lr=4e-4, lr_backbone=1e-4, weight_decay=1e-4, batch_size=8, epochs=12, schedule="cosine",
+            lr=4e-4, lr_backbone=1e-4, weight_decay=1e-4, batch_size=8, epochs=14, schedule="cosine",
             warmup_steps=50, clip_max_norm=0.1, amp="bf16", num_workers=1, eval_every_epochs=2,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
         ),
