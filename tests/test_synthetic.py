@@ -92,6 +92,22 @@ def test_splits(tmp_path):
     assert not t_bytes & {im.file.read_bytes() for im in v.images}
 
 
+def test_object_count_and_size_knobs():
+    """max_objects caps the shapes per image; object_size bounds each box's longer side (a shape is drawn
+    at size*sqrt(aspect) at most, aspect <= 2.5) and the shapes are bright on a darker background."""
+    for i in range(20):
+        s = render_sample(_sample_rng(1, i, "shapes"), "shapes", (96, 128), max_objects=2, object_size=(0.3, 0.4))
+        assert 1 <= len(s.objects) <= 2
+        short = min(s.image.size)
+        for o in s.objects:
+            assert max(o.bbox[2], o.bbox[3]) <= 0.4 * short * 2.5 ** 0.5 + 1
+            assert max(o.color) >= 0.75 * 255 - 1
+    with pytest.raises(ValueError, match="max_objects"):
+        render_sample(_sample_rng(0, 0, "shapes"), max_objects=0)
+    with pytest.raises(ValueError, match="object_size"):
+        render_sample(_sample_rng(0, 0, "shapes"), object_size=(0.5, 0.2))
+
+
 def test_data_synth_command(tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli_main(["data", "synth", str(out), "--images", "3", "--seed", "4", "--variant", "other"]) == 0

@@ -236,21 +236,14 @@ def make_synthetic(
     return path
 
 
-def make_synthetic_splits(
-    out_dir: str | os.PathLike,
-    train: int = 200,
-    val: int = 50,
-    seed: int = 0,
-    variant: str = "shapes",
-    image_size: tuple[int, int] = (192, 320),
-    image_format: str = "jpg",
-    max_objects: int = 6,
-    object_size: tuple[float, float] = (0.1, 0.65),
-) -> tuple[Path, Path]:
-    """`out_dir/train/` and `out_dir/val/`, drawn from different seeds; returns both JSON paths."""
+def make_synthetic_splits(out_dir: str | os.PathLike, train: int = 200, val: int = 50, seed: int = 0,
+                          **options) -> tuple[Path, Path]:
+    """`out_dir/train/` and `out_dir/val/`, drawn from different seeds; returns both JSON paths.
+
+    `options` are make_synthetic's (variant, image_size, image_format, max_objects, object_size).
+    """
     out = Path(out_dir)
     # val uses a distinct seed stream so no image repeats between the splits
-    shapes = dict(max_objects=max_objects, object_size=object_size)
-    train_json = make_synthetic(out / "train", train, seed, variant, image_size, image_format, **shapes)
-    val_json = make_synthetic(out / "val", val, seed + 1_000_003, variant, image_size, image_format, **shapes)
+    train_json = make_synthetic(out / "train", train, seed, **options)
+    val_json = make_synthetic(out / "val", val, seed + 1_000_003, **options)
     return train_json, val_json
