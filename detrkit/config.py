@@ -36,6 +36,7 @@ class ModelConfig(_DictIO):
     backbone: str = "resnet50"  # any torchvision ResNet: resnet18/34/50/101/152
     dilation: bool = False  # DC5: layer4 stride replaced by dilation 2
     train_backbone: bool = True  # False freezes the whole backbone (lr_backbone <= 0)
+    backbone_norm: str = "frozen"  # "frozen" (paper, pretrained) or "batch" (trainable BN, every layer: from scratch)
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -67,6 +68,8 @@ class ModelConfig(_DictIO):
             raise ValueError("ModelConfig: category ids must be unique")
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
+        if self.backbone_norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
         if self.queries_at not in ("attention", "input"):
             raise ValueError(f"queries_at must be 'attention' or 'input', got {self.queries_at!r}")
         if self.hidden_dim % self.nheads:
@@ -113,6 +116,15 @@ class TrainConfig(_DictIO):
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     hflip: bool = True
     num_workers: int = 2
+    # backbone start when no pretrained weights can be had (engine/pretrain.py): classify the training
+    # set's box crops for this many steps first (0: off, the backbone starts from random weights)
+    pretrain_steps: int = 0
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 64
+    pretrain_crop_size: int = 64
+    # frozen backbone only (lr_backbone <= 0): compute its features once for this many augmented views
+    # of each training image instead of on every step (engine/feature_cache.py); 0: off
+    cache_views: int = 0
     # bookkeeping
     seed: int = 42
     checkpoint_every_steps: int | None = None

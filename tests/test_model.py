@@ -260,6 +260,37 @@ def test_object_queries_at_the_decoder_input(pre_norm):
         ModelConfig.from_dict({**base, "queries_at": "output"})
 
 
+def test_basic_block_dc5_and_trainable_batch_norm(tmp_path):
+    """resnet18 DC5 halves the output stride with layer4's weights unchanged in shape; backbone_norm
+    "batch" trains BN and every layer, keeps running statistics and survives the native round trip."""
+    from detrkit.model.backbone import Backbone
+
+    x, mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    plain, dc5 = Backbone("resnet18"), Backbone("resnet18", dilation=True)
+    assert plain(x, mask)[0].shape == (2, 512, 3, 4) and dc5(x, mask)[0].shape == (2, 512, 6, 8)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in dc5.state_dict().items()}
+    dilations = [m.dilation for n, m in dc5.body.layer4.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert dilations == [(1, 1), (1, 1), (1, 1), (2, 2), (2, 2)]  # block 0: conv1, conv2, downsample
+    assert not any(p.requires_grad for n, p in plain.named_parameters() if ".layer1." in n or ".conv1." in n[:12])
+
+    cfg = get_preset("detr-tiny").model.with_classes(["a", "b"])
+    cfg.backbone_norm, cfg.dilation = "batch", True
+    det = Detector.from_config(cfg)
+    assert all(p.requires_grad for p in det.model.backbone.parameters())
+    bns = [m for m in det.model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 20
+    det.model.train()(torch.randn(2, 3, 64, 64) * 3 + 1, torch.zeros(2, 64, 64, dtype=torch.bool))
+    assert not torch.equal(bns[0].running_mean, torch.zeros_like(bns[0].running_mean))  # statistics moved
+    det.model.eval()
+    loaded = Detector.from_pretrained(det.save_pretrained(tmp_path / "w"))
+    assert loaded.config.backbone_norm == "batch" and loaded.config.dilation
+    img = [torch.randn(3, 80, 64)]
+    with torch.no_grad():
+        assert torch.equal(det.model(img)["pred_boxes"], loaded.model.eval()(img)["pred_boxes"])
+    with pytest.raises(ValueError, match="backbone_norm"):
+        ModelConfig.from_dict({**cfg.to_dict(), "backbone_norm": "group"})
+
+
 def test_damaged_native_weights_are_refused(tmp_path):
     cfg = get_preset("detr-tiny").model.with_classes(["a"])
     det = Detector.from_config(cfg)

@@ -105,6 +105,11 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def boxes(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image i's training boxes before any transform: XYXY pixels [N,4] float32, class indices [N]."""
+        lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+        return self._boxes[lo:hi], self._labels[lo:hi]
+
     @property
     def num_boxes(self) -> int:
         return len(self._boxes)

@@ -84,6 +84,13 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every rank's module (in place)."""
+    if is_distributed():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -340,8 +340,37 @@ def train(
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
 
+    amp_dtype = torch.bfloat16 if train_cfg.amp == "bf16" else None
+    if train_cfg.amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be 'none' or 'bf16', got {train_cfg.amp!r}")
+    if resumed_from is None and init_weights is None and train_cfg.pretrain_steps > 0:
+        if main:
+            from .pretrain import pretrain_backbone
+
+            pre = pretrain_backbone(model.backbone.body, model_cfg.backbone, train_set.dataset, train_cfg,
+                                    model_cfg.num_classes, dev, progress)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"type": "pretrain", **pre.to_dict()}) + "\n")
+        dist_utils.broadcast_module(model.backbone)
+        if ema is not None:
+            ema.module.load_state_dict(model.state_dict())
+    cached = train_cfg.cache_views > 0
+    if cached:
+        from .feature_cache import FeatureCache
+
+        if train_cfg.lr_backbone > 0:
+            raise ValueError("cache_views needs a frozen backbone: set lr_backbone to 0")
+        train_set = FeatureCache(train_set, model.backbone, train_cfg.cache_views, dev,
+                                 amp=amp_dtype is not None, num_workers=train_cfg.num_workers,
+                                 progress=main and progress)
+
     train_model: nn.Module = model
     if distributed:
+        # trainable BN on GPUs: batch statistics over the global batch (SyncBatchNorm keeps BatchNorm2d's
+        # parameters and buffers, so checkpoints are unchanged). It has no CPU kernel; on gloo each
+        # process normalises by its own batch and DDP broadcasts rank 0's running statistics.
+        if model.cfg.backbone_norm == "batch" and dev.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -412,9 +441,6 @@ def train(
         best_ap, last_metrics = objs[0]
         return last_metrics
 
-    amp_dtype = torch.bfloat16 if train_cfg.amp == "bf16" else None
-    if train_cfg.amp not in ("none", "bf16"):
-        raise ValueError(f"amp must be 'none' or 'bf16', got {train_cfg.amp!r}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_seconds = train_cfg.max_minutes * 60 if train_cfg.max_minutes else None
     status = "completed"
@@ -426,7 +452,6 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, disable=not (main and progress), desc="train",
                dynamic_ncols=True, unit="step")
-    t_loop = time.monotonic()
     with _StopFlag() as stop:
         while not done and epoch < train_cfg.epochs and step < total_steps:
             train_model.train()
@@ -437,9 +462,10 @@ def train(
             # its own generator: creating the iterator must not draw from the global RNG (dropout), or a
             # resumed run, which creates one more iterator, would diverge
             loader_rng = torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch)
+            workers = 0 if cached else train_cfg.num_workers  # cached features: nothing left to load
             loader = DataLoader(train_set, batch_size=bs, sampler=order[batches_done * bs:], generator=loader_rng,
-                                collate_fn=collate, num_workers=train_cfg.num_workers,
-                                worker_init_fn=_ignore_signals if train_cfg.num_workers else None)
+                                collate_fn=collate, num_workers=workers,
+                                worker_init_fn=_ignore_signals if workers else None)
             micro, group_bad, group_images = 0, False, 0
             group_losses: dict[str, float] = {}
             n_batches_left = batches_per_epoch - batches_done
@@ -462,7 +488,7 @@ def train(
                     with sync:
                         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32,
                                             enabled=amp_dtype is not None):
-                            outputs = train_model(images)
+                            outputs = train_model(images, features=cached)
                         losses = criterion(outputs, targets)
                         total = criterion.total(losses)
                         bad_loss = dist_utils.all_reduce_max([float(not torch.isfinite(total).item())], dev)[0]
@@ -536,7 +562,7 @@ def train(
                                     ips=f"{ips:.1f}")
                     window, window_n, window_images, window_t = {}, 0, 0, now
 
-                over_time = max_seconds is not None and time.monotonic() - t_loop > max_seconds
+                over_time = max_seconds is not None and time.monotonic() - t_start > max_seconds  # pretraining and caching count
                 flags = dist_utils.all_reduce_max([float(stop.signum is not None), float(over_time)], dev)
                 if flags[0] > 0:
                     status, done = "interrupted", True

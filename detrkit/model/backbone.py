@@ -22,6 +22,18 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
         return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
 
 
+def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
+    """DC5 for basic-block ResNets (torchvision only dilates bottlenecks): the first block keeps
+    dilation 1 but loses its stride, later blocks use dilation 2, as torchvision does for bottlenecks."""
+    first = layer4[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in list(layer4)[1:]:
+        for conv in (block.conv1, block.conv2):
+            conv.dilation, conv.padding = (2, 2), (2, 2)
+
+
 class ResNetBody(nn.Module):
     """conv1 .. layer4 of a torchvision ResNet (no pooling head); returns the C5 map."""
 
@@ -36,26 +48,32 @@ class ResNetBody(nn.Module):
 
 
 class Backbone(nn.Module):
-    """ResNet with every BatchNorm frozen; conv1 and layer1 never train.
+    """ResNet with every BatchNorm frozen; conv1 and layer1 never train (the paper, for an ImageNet
+    backbone). norm="batch" instead trains batch norm and every layer: the choice for a backbone
+    trained from scratch, whose random stem and unnormalised activations would otherwise stay fixed.
 
     forward(images [B,3,H,W], mask [B,H,W]) -> (features [B,C,H/32,W/32] (H/16 with DC5), mask [B,h,w]).
     """
 
     def __init__(self, name: str = "resnet50", dilation: bool = False, train_backbone: bool = True,
-                 weights: str | None = None):
+                 weights: str | None = None, norm: str = "frozen"):
         super().__init__()
         if name not in _RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {_RESNETS}")
-        if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(f"{name} has basic blocks, which do not support dilation (DC5)")
+        if norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {norm!r}")
+        basic = name in ("resnet18", "resnet34")
         resnet = getattr(torchvision.models, name)(
-            weights=weights, norm_layer=FrozenBatchNorm2d,
-            replace_stride_with_dilation=[False, False, dilation],
+            weights=weights, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
+            replace_stride_with_dilation=[False, False, dilation and not basic],
         )
+        if dilation and basic:
+            _dilate_basic_layer4(resnet.layer4)
         self.body = ResNetBody(resnet)
-        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        self.num_channels = 512 if basic else 2048
         for pname, p in self.body.named_parameters():
-            if not train_backbone or not pname.startswith(_TRAINABLE):
+            trainable = norm == "batch" or pname.startswith(_TRAINABLE)
+            if not train_backbone or not trainable:
                 p.requires_grad_(False)
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

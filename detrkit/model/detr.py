@@ -66,7 +66,8 @@ class DETR(nn.Module):
             raise ValueError("ModelConfig has no classes: set class_names (the dataset's categories)")
         self.cfg = cfg
         d = cfg.hidden_dim
-        self.backbone = Backbone(cfg.backbone, cfg.dilation, cfg.train_backbone, backbone_weights)
+        self.backbone = Backbone(cfg.backbone, cfg.dilation, cfg.train_backbone, backbone_weights,
+                                 cfg.backbone_norm)
         self.position = build_position_embedding(cfg.position_embedding, d)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
         self.transformer = Transformer(d, cfg.nheads, cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward,
@@ -76,10 +77,16 @@ class DETR(nn.Module):
         self.bbox_embed = MLP(d, d, 4, 3)
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
-                return_attention: bool = False, batch_invariant: bool = False) -> dict:
+                return_attention: bool = False, batch_invariant: bool = False, features: bool = False) -> dict:
         """See the class docstring. batch_invariant (list input only): run the backbone on each image
         unpadded and pad the feature maps instead, so every image gets exactly its batch-of-one result
-        (zero padding otherwise leaks into the convolutions near the border)."""
+        (zero padding otherwise leaks into the convolutions near the border). features: `images` is a
+        list of backbone outputs [C,h,w] (a frozen backbone's cached features); the backbone is skipped."""
+        if features:
+            if not isinstance(images, (list, tuple)) or mask is not None:
+                raise ValueError("features=True takes a list of [C,h,w] feature maps and no mask")
+            features_, fmask = pad_images(images)
+            return self._forward_features(features_, fmask, return_attention)
         if isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")

@@ -1,0 +1,75 @@
+"""Backbone features computed once, for a frozen backbone.
+
+With lr_backbone <= 0 the backbone never changes, so running it again on every step only repeats
+the same arithmetic; DETR's cost on a CPU is mostly that backbone. `FeatureCache` runs it once on
+`views` augmented versions of each training image (view v of image i is exactly the sample
+`SeededSamples` would draw in epoch v) and serves, in epoch e, view e mod views. The training step then
+only runs projection, transformer and heads: several times more steps in the same time, the same
+result per step, with augmentation limited to `views` draws per image.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.dataset import BadSample
+from ..model.detr import pad_images
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCache(Dataset):
+    """Item i (in the current `epoch`) -> (features [C,h,w] bfloat16, target) or the BadSample.
+
+    `samples` is a `SeededSamples` (augmentation seeded by epoch and index); `backbone` a frozen
+    `Backbone`. Features are stored at the image's own feature size (no batch padding).
+    """
+
+    def __init__(self, samples, backbone: nn.Module, views: int, device: torch.device,
+                 amp: bool = True, batch_size: int = 16, num_workers: int = 0, progress: bool = True):
+        if views < 1:
+            raise ValueError(f"FeatureCache: views must be >= 1, got {views}")
+        self.views, self.epoch = views, 0
+        self.items: list[list] = []
+        backbone.eval()
+        bar = tqdm(total=views * len(samples), desc="cache features", disable=not progress, dynamic_ncols=True,
+                   unit="img")
+        for view in range(views):
+            samples.epoch = view
+            loader = DataLoader(samples, batch_size=batch_size, collate_fn=list, num_workers=num_workers)
+            items: list = []
+            for batch in loader:
+                items.extend(_features(batch, backbone, device, amp))
+                bar.update(len(batch))
+            self.items.append(items)
+        bar.close()
+        samples.epoch = 0
+        feats = [it[0] for it in self.items[0] if not isinstance(it, BadSample)]
+        log.info("cached backbone features of %d view(s) x %d images (%.0f MiB)", views, len(samples),
+                 views * sum(f.numel() * f.element_size() for f in feats) / 2**20)
+
+    def __len__(self) -> int:
+        return len(self.items[0])
+
+    def __getitem__(self, i: int):
+        return self.items[self.epoch % self.views][i]
+
+
+@torch.no_grad()
+def _features(batch: list, backbone: nn.Module, device: torch.device, amp: bool) -> list:
+    good = [k for k, item in enumerate(batch) if not isinstance(item, BadSample)]
+    out: list = list(batch)
+    if not good:
+        return out
+    images, mask = pad_images([batch[k][0].to(device) for k in good])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        features, fmask = backbone(images, mask)
+    for j, k in enumerate(good):
+        valid = ~fmask[j]
+        h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+        out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), batch[k][1])
+    return out

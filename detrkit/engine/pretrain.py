@@ -1,0 +1,121 @@
+"""Backbone pretraining by classifying the training set's own box crops.
+
+The paper starts from an ImageNet-classification ResNet, freezes its batch norm and trains it ten
+times slower than the transformer. Where no pretrained weights can be had (no network, or a domain far
+from ImageNet: shapes, cells), `pretrain_backbone` gives the same start cheaply: the ResNet (with
+trainable batch norm) learns to name the object in crops cut around each training box, at several
+margins of context, then its weights and batch statistics go into the detector's backbone, whose
+frozen batch norm takes them as they are. Only the training annotations are used.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from ..data.dataset import DetectionDataset
+from ..data.images import ImageError, load_image
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+CROPS_PER_BOX = 3  # one crop per margin draw; margins in [0.05, 0.6] of the box's longer side
+HELD_OUT = 0.1  # share of crops kept aside to report the classifier's accuracy
+
+
+def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Crops around every (non-crowd) training box, resized to size x size and ImageNet-normalised.
+
+    -> crops [N,3,size,size] float32, labels [N] int64. Unreadable images are skipped with a warning.
+    """
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    crops, labels = [], []
+    for i, rec in enumerate(tqdm(dataset.images, desc="crops", leave=False, disable=len(dataset) < 200)):
+        boxes, classes = dataset.boxes(i)
+        if len(boxes) == 0:
+            continue
+        try:
+            image = TF.pil_to_tensor(load_image(rec.file))
+        except ImageError as e:
+            log.warning("backbone pretraining: skipping %s (%s)", rec.file, e.problem)
+            continue
+        h, w = image.shape[-2:]
+        for (x0, y0, x1, y1), c in zip(boxes.tolist(), classes.tolist()):
+            for _ in range(CROPS_PER_BOX):
+                m = (0.05 + 0.55 * float(torch.rand((), generator=generator))) * max(x1 - x0, y1 - y0)
+                top, left = max(0, int(y0 - m)), max(0, int(x0 - m))
+                bottom, right = min(h, math.ceil(y1 + m)), min(w, math.ceil(x1 + m))
+                if bottom <= top or right <= left:
+                    continue
+                crop = image[None, :, top:bottom, left:right].float() / 255
+                crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
+                labels.append(c)
+    if not crops:
+        raise ValueError(f"{dataset.index.source}: backbone pretraining needs boxes, and the training set has none")
+    return (torch.stack(crops) - mean) / std, torch.tensor(labels, dtype=torch.int64)
+
+
+@dataclass
+class PretrainResult:
+    accuracy: float  # on the held-out crops (nan when there are fewer than 20 crops)
+    num_crops: int
+    classifier: nn.Module  # the trained torchvision ResNet, in eval mode
+
+    def to_dict(self) -> dict[str, float]:
+        return {"pretrain_accuracy": self.accuracy, "pretrain_crops": float(self.num_crops)}
+
+
+def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDataset, cfg: TrainConfig,
+                      num_classes: int, device: torch.device, progress: bool = True) -> PretrainResult:
+    """Train `backbone_name` (torchvision ResNet, batch norm) to classify box crops for
+    `cfg.pretrain_steps` steps, then load its conv1..layer4 weights and batch statistics into `body`
+    (a `ResNetBody`)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    crops, labels = box_crops(dataset, cfg.pretrain_crop_size, g)
+    order = torch.randperm(len(crops), generator=g)
+    n_val = int(len(crops) * HELD_OUT) if len(crops) >= 20 else 0
+    val, train = order[:n_val], order[n_val:]
+    torch.manual_seed(cfg.seed)
+    net = getattr(torchvision.models, backbone_name)(num_classes=num_classes).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    bs = min(cfg.pretrain_batch_size, len(train))
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain backbone", disable=not progress, dynamic_ncols=True)
+    net.train()
+    for step in bar:
+        lr = cfg.pretrain_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pick = train[torch.randint(len(train), (bs,), generator=g)]
+        x = crops[pick]
+        flip = torch.rand(bs, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(net(x).float(), labels[pick].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    net.eval()
+    accuracy = float("nan")
+    if n_val:
+        with torch.no_grad(), torch.autocast(**amp):
+            pred = torch.cat([net(crops[val[i:i + 256]].to(device)).argmax(1).cpu() for i in range(0, n_val, 256)])
+        accuracy = float((pred == labels[val]).float().mean())
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise RuntimeError(f"pretrained backbone does not fit: missing {missing}, unexpected {unexpected}")
+    log.info("backbone pretrained on %d box crops for %d steps: held-out accuracy %.3f",
+             len(crops), cfg.pretrain_steps, accuracy)
+    return PretrainResult(accuracy, len(crops), net)
