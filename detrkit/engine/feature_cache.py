@@ -71,5 +71,7 @@ def _features(batch: list, backbone: nn.Module, device: torch.device, amp: bool)
     for j, k in enumerate(good):
         valid = ~fmask[j]
         h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
-        out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), batch[k][1])
+        # targets are cloned out of the loader's shared memory: kept tensors would each hold a file descriptor
+        target = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in batch[k][1].items()}
+        out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target)
     return out

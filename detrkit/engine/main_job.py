@@ -16,10 +16,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# synthetic images small enough that the CPU trains many epochs in the budget
-DEFAULT_NUM_TRAIN = 1000
+# synthetic images small enough that the CPU trains many epochs in the budget; objects at least a
+# fifth of the image, so each covers more than one cell of detr-tiny's stride-32 feature map
+DEFAULT_NUM_TRAIN = 3000
 DEFAULT_NUM_VAL = 100
 DEFAULT_IMAGE_SIZE = (128, 192)
+DEFAULT_MAX_OBJECTS = 4
+DEFAULT_OBJECT_SIZE = (0.2, 0.6)
 EVAL_RESERVE_MINUTES = 1.0  # final evaluation, checkpoint and figures
 
 
@@ -36,7 +39,8 @@ def run_main_job(out_dir: str | os.PathLike, minutes: float = 15.0, preset: str 
     out.mkdir(parents=True, exist_ok=True)
     train_json, val_json = make_synthetic_splits(
         out / "data", train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
-        variant=variant or "shapes", image_size=DEFAULT_IMAGE_SIZE)
+        variant=variant or "shapes", image_size=DEFAULT_IMAGE_SIZE, max_objects=DEFAULT_MAX_OBJECTS,
+        object_size=DEFAULT_OBJECT_SIZE)
     model_cfg, train_cfg = build_configs(preset, None, sets)
     spent = (time.monotonic() - t0) / 60
     budget = minutes - spent - EVAL_RESERVE_MINUTES

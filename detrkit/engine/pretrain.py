@@ -29,16 +29,20 @@ log = logging.getLogger(__name__)
 
 CROPS_PER_BOX = 3  # one crop per margin draw; margins in [0.05, 0.6] of the box's longer side
 HELD_OUT = 0.1  # share of crops kept aside to report the classifier's accuracy
+MAX_CROPS = 30_000  # 370 MB of 64 px uint8 crops; a few hundred steps of batch 64 see fewer
 
 
-def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Crops around every (non-crowd) training box, resized to size x size and ImageNet-normalised.
-
-    -> crops [N,3,size,size] float32, labels [N] int64. Unreadable images are skipped with a warning.
-    """
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
+              max_crops: int = MAX_CROPS) -> tuple[Tensor, Tensor]:
+    """Crops around the (non-crowd) training boxes, resized to size x size: images in random order
+    until `max_crops`. -> crops [N,3,size,size] uint8, labels [N] int64.
+    Unreadable images are skipped with a warning."""
     crops, labels = [], []
-    for i, rec in enumerate(tqdm(dataset.images, desc="crops", leave=False, disable=len(dataset) < 200)):
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    for i in tqdm(order, desc="crops", leave=False, disable=len(dataset) < 500):
+        if len(crops) >= max_crops:
+            break
+        rec = dataset.images[i]
         boxes, classes = dataset.boxes(i)
         if len(boxes) == 0:
             continue
@@ -55,12 +59,18 @@ def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator) 
                 bottom, right = min(h, math.ceil(y1 + m)), min(w, math.ceil(x1 + m))
                 if bottom <= top or right <= left:
                     continue
-                crop = image[None, :, top:bottom, left:right].float() / 255
-                crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0])
+                crop = image[None, :, top:bottom, left:right].float()
+                crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+                crops.append(crop.round().clamp(0, 255).to(torch.uint8))
                 labels.append(c)
     if not crops:
         raise ValueError(f"{dataset.index.source}: backbone pretraining needs boxes, and the training set has none")
-    return (torch.stack(crops) - mean) / std, torch.tensor(labels, dtype=torch.int64)
+    return torch.stack(crops), torch.tensor(labels, dtype=torch.int64)
+
+
+def _normalise(crops: Tensor) -> Tensor:
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (crops.float() / 255 - mean) / std
 
 
 @dataclass
@@ -95,7 +105,7 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
         for group in opt.param_groups:
             group["lr"] = lr
         pick = train[torch.randint(len(train), (bs,), generator=g)]
-        x = crops[pick]
+        x = _normalise(crops[pick])
         flip = torch.rand(bs, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         with torch.autocast(**amp):
@@ -110,7 +120,7 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     accuracy = float("nan")
     if n_val:
         with torch.no_grad(), torch.autocast(**amp):
-            pred = torch.cat([net(crops[val[i:i + 256]].to(device)).argmax(1).cpu() for i in range(0, n_val, 256)])
+            pred = torch.cat([net(_normalise(crops[val[i:i + 256]]).to(device)).argmax(1).cpu() for i in range(0, n_val, 256)])
         accuracy = float((pred == labels[val]).float().mean())
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
