@@ -162,10 +162,10 @@ PRESETS: dict[str, Preset] = {
             # training set's own box crops, no ImageNet offline), then DETR on top of it. The backbone
             # stays frozen (lr_backbone 0), so its features are computed once per view and each step
             # only runs the transformer: ~10x more steps per minute, which is what DETR needs.
-            lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=32, epochs=40, schedule="cosine",
+            lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=32, epochs=36, schedule="cosine",
             warmup_steps=100, clip_max_norm=0.1, amp="bf16", num_workers=1, eval_every_epochs=8,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
-            pretrain_steps=300, cache_views=2,
+            pretrain_steps=300, cache_views=3,
         ),
         "ResNet-18 (pretrained on box crops, frozen), width 128, 2+2 layers, 20 queries, 128-160 px: "
         "the CPU default of the main job",

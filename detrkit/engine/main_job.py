@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # synthetic images small enough that the CPU trains many epochs in the budget; objects at least a
 # fifth of the image, so each covers more than one cell of detr-tiny's stride-32 feature map
-DEFAULT_NUM_TRAIN = 3000
+DEFAULT_NUM_TRAIN = 4000
 DEFAULT_NUM_VAL = 100
 DEFAULT_IMAGE_SIZE = (128, 192)
 DEFAULT_MAX_OBJECTS = 4
