@@ -291,6 +291,23 @@ def test_basic_block_dc5_and_trainable_batch_norm(tmp_path):
         ModelConfig.from_dict({**cfg.to_dict(), "backbone_norm": "group"})
 
 
+def test_cpu_training_attention_path_equals_the_fused_kernel():
+    """Training on a CPU takes explicit matmul attention; it computes what the fused kernel computes."""
+    from detrkit.model.transformer import MultiheadAttention
+
+    attn = MultiheadAttention(32, 4).eval()
+    q, kv = torch.randn(2, 7, 32), torch.randn(2, 30, 32)
+    pad = torch.zeros(2, 30, dtype=torch.bool)
+    pad[1, 20:] = True
+    with torch.no_grad():
+        fused, _ = attn(q, kv, kv, pad)
+    explicit, weights = attn(q, kv, kv, pad)  # grad enabled on CPU: the explicit path
+    assert weights is None
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
+    explicit.sum().backward()
+    assert attn.in_proj_weight.grad is not None
+
+
 def test_damaged_native_weights_are_refused(tmp_path):
     cfg = get_preset("detr-tiny").model.with_classes(["a"])
     det = Detector.from_config(cfg)

@@ -24,6 +24,7 @@ from ..config import TrainConfig
 from ..data.dataset import DetectionDataset
 from ..data.images import ImageError, load_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
 
 
 def _normalise(crops: Tensor) -> Tensor:
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (crops.float() / 255 - mean) / std
+    return TF.normalize(crops.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclass
@@ -101,7 +101,7 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain backbone", disable=not progress, dynamic_ncols=True)
     net.train()
     for step in bar:
-        lr = cfg.pretrain_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.pretrain_steps))
+        lr = cfg.pretrain_lr * lr_factor(step, cfg.pretrain_steps, "cosine")
         for group in opt.param_groups:
             group["lr"] = lr
         pick = train[torch.randint(len(train), (bs,), generator=g)]

@@ -343,14 +343,18 @@ def train(
     amp_dtype = torch.bfloat16 if train_cfg.amp == "bf16" else None
     if train_cfg.amp not in ("none", "bf16"):
         raise ValueError(f"amp must be 'none' or 'bf16', got {train_cfg.amp!r}")
+    def log_json(record: dict) -> None:
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     if resumed_from is None and init_weights is None and train_cfg.pretrain_steps > 0:
         if main:
             from .pretrain import pretrain_backbone
 
             pre = pretrain_backbone(model.backbone.body, model_cfg.backbone, train_set.dataset, train_cfg,
                                     model_cfg.num_classes, dev, progress)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"type": "pretrain", **pre.to_dict()}) + "\n")
+            log_json({"type": "pretrain", **pre.to_dict()})
         dist_utils.broadcast_module(model.backbone)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())
@@ -391,11 +395,6 @@ def train(
         for line in bad_file.read_text().splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 bad_seen.add(json.loads(line).get("key", ""))
-
-    def log_json(record: dict) -> None:
-        if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     def checkpoint_state() -> dict:
         rngs = dist_utils.all_gather_object(_rng_state())

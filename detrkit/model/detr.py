@@ -85,8 +85,8 @@ class DETR(nn.Module):
         if features:
             if not isinstance(images, (list, tuple)) or mask is not None:
                 raise ValueError("features=True takes a list of [C,h,w] feature maps and no mask")
-            features_, fmask = pad_images(images)
-            return self._forward_features(features_, fmask, return_attention)
+            feature_maps, fmask = pad_images(images)
+            return self._forward_features(feature_maps, fmask, return_attention)
         if isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")

@@ -116,20 +116,17 @@ class DecoderLayer(nn.Module):
         -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
         mem_k = memory + pos
 
-        def with_pos(x: Tensor) -> Tensor:
-            return x if query_pos is None else x + query_pos
-
         if self.pre_norm:
             x = self.norm1(tgt)
-            qk = with_pos(x)
+            qk = _with_pos(x, query_pos)
             tgt = tgt + self.dropout(self.self_attn(qk, qk, x)[0])
             x = self.norm2(tgt)
-            attn, w = self.multihead_attn(with_pos(x), mem_k, memory, memory_key_padding_mask, need_weights)
+            attn, w = self.multihead_attn(_with_pos(x, query_pos), mem_k, memory, memory_key_padding_mask, need_weights)
             tgt = tgt + self.dropout(attn)
             return tgt + self._ffn(self.norm3(tgt)), w
-        qk = with_pos(tgt)
+        qk = _with_pos(tgt, query_pos)
         tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)[0]))
-        attn, w = self.multihead_attn(with_pos(tgt), mem_k, memory, memory_key_padding_mask, need_weights)
+        attn, w = self.multihead_attn(_with_pos(tgt, query_pos), mem_k, memory, memory_key_padding_mask, need_weights)
         tgt = self.norm2(tgt + self.dropout(attn))
         return self.norm3(tgt + self._ffn(tgt)), w
 
