@@ -9,6 +9,7 @@ result per step, with augmentation limited to `views` draws per image.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from ..data.dataset import BadSample
 from ..model.detr import pad_images
+from ..model.fuse import PackedResNetBody, fold_batchnorms, mkldnn_fusion_available
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class FeatureCache(Dataset):
         self.views, self.epoch = views, 0
         self.items: list[list] = []
         backbone.eval()
+        extract = _extractor(backbone, device, amp)
         bar = tqdm(total=views * len(samples), desc="cache features", disable=not progress, dynamic_ncols=True,
                    unit="img")
         for view in range(views):
@@ -43,7 +46,7 @@ class FeatureCache(Dataset):
             loader = DataLoader(samples, batch_size=batch_size, collate_fn=list, num_workers=num_workers)
             items: list = []
             for batch in loader:
-                items.extend(_features(batch, backbone, device, amp))
+                items.extend(_features(batch, extract, device, amp))
                 bar.update(len(batch))
             self.items.append(items)
         bar.close()
@@ -59,15 +62,47 @@ class FeatureCache(Dataset):
         return self.items[self.epoch % self.views][i]
 
 
+class _PackedBackbone:
+    """(images, mask) -> (features, mask) like `Backbone`, with the ResNet run as bf16 packed oneDNN
+    convolutions (batch norm folded): ~2.5x the img/s of autocast on a CPU. The weights are packed for
+    the first batch's size (correct for every size)."""
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
+        body = copy.deepcopy(backbone.body)
+        fold_batchnorms(body)
+        self.body = PackedResNetBody(body, torch.bfloat16, pack_size=None)
+        self.packed = False
+
+    def __call__(self, images: torch.Tensor, mask: torch.Tensor):
+        if not self.packed:
+            self.body._pack(tuple(images.shape[-2:]))
+            self.packed = True
+        features = self.body(images)
+        fmask = torch.nn.functional.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        return features.contiguous(), fmask
+
+
+def _extractor(backbone: nn.Module, device: torch.device, amp: bool):
+    """The fastest exact-enough way to run the frozen backbone here: packed bf16 on a CPU with amp,
+    the module itself (under autocast when amp) elsewhere."""
+    if amp and device.type == "cpu" and mkldnn_fusion_available() and hasattr(backbone, "body"):
+        return _PackedBackbone(backbone)
+
+    def run(images, mask):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return backbone(images, mask)
+    return run
+
+
 @torch.no_grad()
-def _features(batch: list, backbone: nn.Module, device: torch.device, amp: bool) -> list:
+def _features(batch: list, extract, device: torch.device, amp: bool) -> list:
     good = [k for k, item in enumerate(batch) if not isinstance(item, BadSample)]
     out: list = list(batch)
     if not good:
         return out
     images, mask = pad_images([batch[k][0].to(device) for k in good])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        features, fmask = backbone(images, mask)
+    features, fmask = extract(images, mask)
     for j, k in enumerate(good):
         valid = ~fmask[j]
         h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
