@@ -94,6 +94,10 @@ class TrainConfig(_DictIO):
     epochs: int = 300
     max_steps: int | None = None
     max_minutes: float | None = None
+    # with max_minutes: end the lr schedule when the time does, not when the epochs would. The step count
+    # that fits is measured after warmup and re-measured after each evaluation (never above the epoch
+    # budget), so a slower machine gets a shorter but complete schedule instead of being cut mid-way
+    fit_schedule_to_time: bool = False
     schedule: str = "step"  # "step" or "cosine"
     lr_drop_epoch: int = 200
     warmup_steps: int = 0
@@ -162,10 +166,11 @@ PRESETS: dict[str, Preset] = {
             # training set's own box crops, no ImageNet offline), then DETR on top of it. The backbone
             # stays frozen (lr_backbone 0), so its features are computed once per view and each step
             # only runs the transformer: ~10x more steps per minute, which is what DETR needs.
-            lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=32, epochs=36, schedule="cosine",
+            # epochs is the ceiling: under --max-minutes the cosine is fitted to the steps the time allows
+            lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=32, epochs=60, schedule="cosine",
             warmup_steps=100, clip_max_norm=0.1, amp="bf16", num_workers=1, eval_every_epochs=8,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
-            pretrain_steps=300, cache_views=3,
+            pretrain_steps=300, cache_views=3, fit_schedule_to_time=True,
         ),
         "ResNet-18 (pretrained on box crops, frozen), width 128, 2+2 layers, 20 queries, 128-160 px: "
         "the CPU default of the main job",

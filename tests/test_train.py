@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detrkit.engine import train as train_mod
+from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import NonFiniteLossError, train
 from detrkit.engine.schedule import lr_factor
 from detrkit.losses import SetCriterion
@@ -106,3 +107,21 @@ def test_lr_backbone_zero_freezes_the_backbone(tmp_path):
     a, b = seen[1], seen[2]
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone."))
     assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("transformer."))
+
+
+def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
+    """With fit_schedule_to_time, a run whose epochs cannot fit in max_minutes gets a schedule that
+    ends when the time does: it stops at (or just before) the fitted step count, far below the epoch
+    budget, with the cosine learning rate run down instead of cut at full height."""
+    data = tiny_data(tmp_path / "data", 4)
+    cfg = tiny_train(lr_backbone=0.0, epochs=100_000, max_minutes=0.15, fit_schedule_to_time=True,
+                     warmup_steps=5, checkpoint_every_epochs=0)
+    result = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    total = state["scheduler"]["total_steps"]
+    assert result.status == "max_minutes"
+    assert 50 < total < 20_000 and result.step <= total  # the epochs alone would be 200,000 steps
+    assert total - result.step <= 0.2 * total  # the time and the schedule ran out together
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r.get("type") == "train"]
+    assert lrs[-1] < 0.25 * cfg.lr

@@ -23,6 +23,8 @@ from ..model.fuse import PackedResNetBody, fold_batchnorms, mkldnn_fusion_availa
 
 log = logging.getLogger(__name__)
 
+SORT_WINDOW = 8  # loader batches of this many backbone batches are sorted by image size
+
 
 class FeatureCache(Dataset):
     """Item i (in the current `epoch`) -> (features [C,h,w] bfloat16, target) or the BadSample.
@@ -43,10 +45,12 @@ class FeatureCache(Dataset):
                    unit="img")
         for view in range(views):
             samples.epoch = view
-            loader = DataLoader(samples, batch_size=batch_size, collate_fn=list, num_workers=num_workers)
+            # loader batches of several chunks, so each chunk gathers images of similar size
+            loader = DataLoader(samples, batch_size=SORT_WINDOW * batch_size, collate_fn=list,
+                                num_workers=num_workers)
             items: list = []
             for batch in loader:
-                items.extend(_features(batch, extract, device, amp))
+                items.extend(_features(batch, extract, device, amp, batch_size))
                 bar.update(len(batch))
             self.items.append(items)
         bar.close()
@@ -96,17 +100,22 @@ def _extractor(backbone: nn.Module, device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def _features(batch: list, extract, device: torch.device, amp: bool) -> list:
+def _features(batch: list, extract, device: torch.device, amp: bool, chunk: int) -> list:
+    """Features of a loader batch, run in chunks of `chunk` images of similar size (less padding)."""
     good = [k for k, item in enumerate(batch) if not isinstance(item, BadSample)]
+    good.sort(key=lambda k: tuple(batch[k][0].shape[-2:]))
     out: list = list(batch)
-    if not good:
-        return out
-    images, mask = pad_images([batch[k][0].to(device) for k in good])
+    for start in range(0, len(good), chunk):
+        _run_chunk(batch, good[start:start + chunk], out, extract, device, amp)
+    return out
+
+
+def _run_chunk(batch: list, ks: list[int], out: list, extract, device: torch.device, amp: bool) -> None:
+    images, mask = pad_images([batch[k][0].to(device) for k in ks])
     features, fmask = extract(images, mask)
-    for j, k in enumerate(good):
+    for j, k in enumerate(ks):
         valid = ~fmask[j]
         h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
         # targets are cloned out of the loader's shared memory: kept tensors would each hold a file descriptor
         target = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in batch[k][1].items()}
         out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target)
-    return out

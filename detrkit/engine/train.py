@@ -324,6 +324,8 @@ def train(
         order = state.get("order")
         best_ap, last_metrics = state.get("best_ap"), state.get("metrics") or {}
         skipped_steps = state.get("skipped_steps", 0)
+        if train_cfg.fit_schedule_to_time and state.get("scheduler"):  # the schedule it was on
+            total_steps, drop_step = state["scheduler"]["total_steps"], state["scheduler"]["drop_step"]
         rngs = state.get("rng") or []
         if len(rngs) == world:
             _set_rng_state(rngs[rank])
@@ -364,8 +366,9 @@ def train(
 
         if train_cfg.lr_backbone > 0:
             raise ValueError("cache_views needs a frozen backbone: set lr_backbone to 0")
+        # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
         train_set = FeatureCache(train_set, model.backbone, train_cfg.cache_views, dev,
-                                 amp=amp_dtype is not None, num_workers=train_cfg.num_workers,
+                                 amp=amp_dtype is not None, num_workers=train_cfg.num_workers if dev.type != "cpu" else 0,
                                  progress=main and progress)
 
     train_model: nn.Module = model
@@ -442,6 +445,8 @@ def train(
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_seconds = train_cfg.max_minutes * 60 if train_cfg.max_minutes else None
+    fit = train_cfg.fit_schedule_to_time and max_seconds is not None
+    eval_seconds = 0.0
     status = "completed"
     nonfinite_streak = 0
     window: dict[str, float] = {}
@@ -451,6 +456,25 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, disable=not (main and progress), desc="train",
                dynamic_ncols=True, unit="step")
+    epoch_steps = steps_per_epoch * train_cfg.epochs
+    loop_t0, loop_step0 = time.monotonic(), step
+    first_fit = max(step + 50, train_cfg.warmup_steps)  # a speed measured past start-up and warmup
+
+    def fit_schedule() -> None:
+        """Set total_steps to what fits in the time left at the speed so far (evaluations included)."""
+        nonlocal total_steps, drop_step
+        now = time.monotonic()
+        per_step = (now - loop_t0) / max(1, step - loop_step0)
+        left = max_seconds - (now - t_start) - eval_seconds  # keep room for the final evaluation
+        fitted = step + max(1, int(left / per_step))
+        if train_cfg.max_steps is not None:
+            fitted = min(fitted, train_cfg.max_steps)
+        fitted = int(-dist_utils.all_reduce_max([-float(min(fitted, epoch_steps))], dev)[0])  # same on every rank
+        if fitted != total_steps:
+            drop_step = round(drop_step * fitted / total_steps)
+            log.info("schedule fitted to the time left: %d steps (was %d; %.3f s/step)", fitted, total_steps,
+                     per_step)
+            total_steps = bar.total = fitted
     with _StopFlag() as stop:
         while not done and epoch < train_cfg.epochs and step < total_steps:
             train_model.train()
@@ -542,6 +566,8 @@ def train(
                 bar.update(1)
                 if step_callback is not None:
                     step_callback(step, model)
+                if fit and step == first_fit:
+                    fit_schedule()
 
                 if window_n and (step % LOG_EVERY_STEPS == 0 or step == total_steps):
                     now = time.monotonic()
@@ -570,7 +596,7 @@ def train(
                 elif step >= total_steps:
                     done = True
                     if step < steps_per_epoch * train_cfg.epochs:
-                        status = "max_steps"
+                        status = "max_steps" if not fit or step == train_cfg.max_steps else "max_minutes"
                 if done:
                     break
                 if train_cfg.checkpoint_every_steps and step % train_cfg.checkpoint_every_steps == 0 \
@@ -580,8 +606,12 @@ def train(
                 epoch, batches_done, order = epoch + 1, 0, None
                 if not done:
                     if val_set is not None and epoch % max(1, train_cfg.eval_every_epochs) == 0:
+                        eval_t0 = time.monotonic()
                         run_eval()
                         evaluated_at = step
+                        eval_seconds = time.monotonic() - eval_t0
+                        if fit:
+                            fit_schedule()
                     if train_cfg.checkpoint_every_epochs and epoch % train_cfg.checkpoint_every_epochs == 0:
                         save_checkpoint()
             if status == "interrupted":
