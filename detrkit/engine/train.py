@@ -367,8 +367,9 @@ def train(
         if train_cfg.lr_backbone > 0:
             raise ValueError("cache_views needs a frozen backbone: set lr_backbone to 0")
         # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
+        cache_workers = train_cfg.num_workers if dev.type != "cpu" else 0
         train_set = FeatureCache(train_set, model.backbone, train_cfg.cache_views, dev,
-                                 amp=amp_dtype is not None, num_workers=train_cfg.num_workers if dev.type != "cpu" else 0,
+                                 amp=amp_dtype is not None, num_workers=cache_workers,
                                  progress=main and progress)
 
     train_model: nn.Module = model
