@@ -112,7 +112,7 @@ def test_lr_backbone_zero_freezes_the_backbone(tmp_path):
 def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     """With fit_schedule_to_time, a run whose epochs cannot fit in max_minutes gets a schedule that
     ends when the time does: it stops at (or just before) the fitted step count, far below the epoch
-    budget, with the cosine learning rate run down instead of cut at full height."""
+    budget, with the cosine learning rate run down instead of cut at full height; --resume keeps it."""
     data = tiny_data(tmp_path / "data", 4)
     cfg = tiny_train(lr_backbone=0.0, epochs=100_000, max_minutes=0.15, fit_schedule_to_time=True,
                      warmup_steps=5, checkpoint_every_epochs=0)
@@ -125,3 +125,7 @@ def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
            if r.get("type") == "train"]
     assert lrs[-1] < 0.25 * cfg.lr
+    # --resume keeps the fitted schedule: the finished run has nothing left to do, where the epoch
+    # budget would have it train on
+    again = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False, resume=True)
+    assert again.step == result.step
