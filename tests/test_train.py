@@ -125,7 +125,7 @@ def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
            if r.get("type") == "train"]
     assert lrs[-1] < 0.25 * cfg.lr
-    # --resume keeps the fitted schedule: the finished run has nothing left to do, where the epoch
-    # budget would have it train on
+    # --resume keeps the fitted schedule: at most the few steps the time cut off are left, where the
+    # epoch budget would have it train on for the whole new budget
     again = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False, resume=True)
-    assert again.step == result.step
+    assert result.step <= again.step <= total

@@ -324,7 +324,7 @@ def train(
         order = state.get("order")
         best_ap, last_metrics = state.get("best_ap"), state.get("metrics") or {}
         skipped_steps = state.get("skipped_steps", 0)
-        if train_cfg.fit_schedule_to_time and state.get("scheduler"):  # the schedule it was on
+        if train_cfg.fit_schedule_to_time and state.get("scheduler"):  # the schedule it was on, as a ceiling
             total_steps, drop_step = state["scheduler"]["total_steps"], state["scheduler"]["drop_step"]
         rngs = state.get("rng") or []
         if len(rngs) == world:
@@ -457,7 +457,9 @@ def train(
 
     bar = tqdm(total=total_steps, initial=step, disable=not (main and progress), desc="train",
                dynamic_ncols=True, unit="step")
-    epoch_steps = steps_per_epoch * train_cfg.epochs
+    # fitting may stretch the schedule back up to the epochs / max_steps budget, never past it; a resumed
+    # run keeps its fitted schedule as the ceiling (a new time budget must not restart the cosine)
+    schedule_ceiling = total_steps
     loop_t0, loop_step0 = time.monotonic(), step
     first_fit = max(step + 50, train_cfg.warmup_steps)  # a speed measured past start-up and warmup
 
@@ -468,9 +470,7 @@ def train(
         per_step = (now - loop_t0) / max(1, step - loop_step0)
         left = max_seconds - (now - t_start) - eval_seconds  # keep room for the final evaluation
         fitted = step + max(1, int(left / per_step))
-        if train_cfg.max_steps is not None:
-            fitted = min(fitted, train_cfg.max_steps)
-        fitted = int(-dist_utils.all_reduce_max([-float(min(fitted, epoch_steps))], dev)[0])  # same on every rank
+        fitted = int(-dist_utils.all_reduce_max([-float(min(fitted, schedule_ceiling))], dev)[0])  # same on every rank
         if fitted != total_steps:
             drop_step = round(drop_step * fitted / total_steps)
             log.info("schedule fitted to the time left: %d steps (was %d; %.3f s/step)", fitted, total_steps,
