@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.dataset import BadSample
+from ..model.backbone import feature_mask
 from ..model.detr import pad_images
 from ..model.fuse import PackedResNetBody, fold_batchnorms, mkldnn_fusion_available
 
@@ -72,19 +73,17 @@ class _PackedBackbone:
     the first batch's size (correct for every size)."""
 
     def __init__(self, backbone: nn.Module):
-        self.backbone = backbone
-        body = copy.deepcopy(backbone.body)
+        body = copy.deepcopy(backbone.body)  # folding rewrites the modules; the model keeps its own
         fold_batchnorms(body)
         self.body = PackedResNetBody(body, torch.bfloat16, pack_size=None)
         self.packed = False
 
     def __call__(self, images: torch.Tensor, mask: torch.Tensor):
         if not self.packed:
-            self.body._pack(tuple(images.shape[-2:]))
+            self.body.pack(tuple(images.shape[-2:]))
             self.packed = True
         features = self.body(images)
-        fmask = torch.nn.functional.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return features.contiguous(), fmask
+        return features.contiguous(), feature_mask(mask, features)
 
 
 def _extractor(backbone: nn.Module, device: torch.device, amp: bool):

@@ -78,5 +78,9 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         features = self.body(images)
-        mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return features, mask
+        return features, feature_mask(mask, features)
+
+
+def feature_mask(mask: Tensor, features: Tensor) -> Tensor:
+    """The padding mask [B,H,W] of the images at the feature map's size [B,h,w] (nearest)."""
+    return F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]

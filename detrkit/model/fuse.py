@@ -159,9 +159,10 @@ class PackedResNetBody(nn.Module):
                                       (body.layer1, body.layer2, body.layer3, body.layer4) for b in layer])
         self.dtype = dtype
         if pack_size is not None:
-            self._pack(pack_size)
+            self.pack(pack_size)
 
-    def _pack(self, size: tuple[int, int]) -> None:
+    def pack(self, size: tuple[int, int]) -> None:
+        """Pack every convolution's weight for images of `size` (H, W)."""
         sizes: dict[nn.Module, list[int]] = {}
         convs = [m for m in self.modules() if isinstance(m, PackedConv2d)]
         hooks = [c.register_forward_pre_hook(lambda mod, a: sizes.__setitem__(mod, list(a[0].shape))) for c in convs]
