@@ -68,8 +68,7 @@ class Detector:
         Any other module (a stand-in in tests, a wrapper of the user's) runs as it is."""
         if type(self.model) is not DETR:
             return self.model
-        key = (self.precision, self.device, tuple(p._version for p in self.model.parameters()),
-               tuple(id(p) for p in self.model.parameters()))
+        key = (self.precision, self.device, self.model.weights_version())
         if self._runner is None or key != self._runner_key:
             from .model.fuse import optimize_for_inference
 

@@ -37,6 +37,7 @@ from ..config import ModelConfig, TrainConfig
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, load_latest, save_run_checkpoint
 from .schedule import lr_factor
+from ..model.detr import BackboneFeatures, pad_images
 
 log = logging.getLogger(__name__)
 
@@ -512,7 +513,7 @@ def train(
                     with sync:
                         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32,
                                             enabled=amp_dtype is not None):
-                            outputs = train_model(images, features=cached)
+                            outputs = train_model(BackboneFeatures(*pad_images(images)) if cached else images)
                         losses = criterion(outputs, targets)
                         total = criterion.total(losses)
                         bad_loss = dist_utils.all_reduce_max([float(not torch.isfinite(total).item())], dev)[0]

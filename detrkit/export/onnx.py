@@ -35,8 +35,7 @@ class _ExportWrapper(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        features, fmask = self.model.backbone(images, mask)
-        out = self.model._forward_features(features, fmask, False)
+        out = self.model.from_features(self.model.features(images, mask))
         return out["pred_logits"], out["pred_boxes"]
 
 
