@@ -457,9 +457,12 @@ def _train_batch(cfg, train_cfg, batch: int, device: torch.device, seed: int = 0
 
 
 def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[Row]:
+    """The engine's own training step (`TrainStep`, what `detrkit train` runs: fused AdamW, clipping,
+    bf16 autocast as configured) against transformers' DETR with the same weights and batch."""
+    import dataclasses
+
     from .config import get_preset
-    from .engine.train import param_groups
-    from .losses import SetCriterion
+    from .engine.step import TrainStep
     from .model import build_model, pad_images
 
     preset = get_preset(args.train_preset)
@@ -473,32 +476,16 @@ def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[R
 
     steps: dict[str, Callable] = {}
 
-    def ours(amp: bool, channels_last: bool):
+    def ours(amp: bool):
         m = build_model(cfg).to(device)
         m.load_state_dict(model.state_dict())
         m.train()
-        if channels_last:
-            m.backbone.to(memory_format=torch.channels_last)
-        crit = SetCriterion.from_config(tcfg, cfg.num_classes).to(device)
-        opt = torch.optim.AdamW(param_groups(m, tcfg), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        trainer = TrainStep.build(m, dataclasses.replace(tcfg, amp="bf16" if amp else "none", ema_decay=None),
+                                  device)
+        return lambda: trainer(images, targets)
 
-        def step():
-            with ctx():
-                out = m(images)
-                losses = crit(out, targets)
-                total = crit.total(losses)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, tcfg.clip_max_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total.detach()
-        return step
-
-    # channels-last backbone: oneDNN / cuDNN's fastest layout for forward and backward
-    steps["detrkit float32"] = ours(False, True)
-    steps["detrkit bf16 autocast"] = ours(True, True)
+    steps["detrkit float32"] = ours(False)
+    steps["detrkit bf16 autocast"] = ours(True)
 
     hf_step = None
     if not args.no_hf:

@@ -11,6 +11,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def _check(cls: str, name: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{cls}.{name} must be {expected}, got {value!r}")
+
+
+def _check_numbers(cfg: Any, rules: dict[str, tuple[float, bool]]) -> None:
+    """rules: field -> (lowest allowed value, None allowed). Numbers only (bool is not a number here)."""
+    cls = type(cfg).__name__
+    for name, (low, optional) in rules.items():
+        v = getattr(cfg, name)
+        if v is None and optional:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        _check(cls, name, number and v >= low, f"a number >= {low:g}" + (" or null" if optional else ""), v)
+
+
+def _check_choice(cfg: Any, name: str, choices: tuple) -> None:
+    v = getattr(cfg, name)
+    _check(type(cfg).__name__, name, v in choices, "one of " + ", ".join(repr(c) for c in choices), v)
+
+
+def _check_sizes(cfg: Any, name: str, count: int | None = None) -> None:
+    v = getattr(cfg, name)
+    ok = (isinstance(v, (list, tuple)) and len(v) > 0 and (count is None or len(v) == count)
+          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+    _check(type(cfg).__name__, name, ok, f"a list of {count or 'one or more'} positive integers", v)
+
+
 class _DictIO:
     """to_dict / from_dict for a config dataclass; unknown keys are an error, not silently dropped."""
 
@@ -66,12 +94,14 @@ class ModelConfig(_DictIO):
             )
         if len(set(self.category_ids)) != len(self.category_ids):
             raise ValueError("ModelConfig: category ids must be unique")
-        if self.position_embedding not in ("sine", "learned"):
-            raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
-        if self.backbone_norm not in ("frozen", "batch"):
-            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
-        if self.queries_at not in ("attention", "input"):
-            raise ValueError(f"queries_at must be 'attention' or 'input', got {self.queries_at!r}")
+        _check_choice(self, "backbone", ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+        _check_choice(self, "position_embedding", ("sine", "learned"))
+        _check_choice(self, "backbone_norm", ("frozen", "batch"))
+        _check_choice(self, "queries_at", ("attention", "input"))
+        _check_numbers(self, {"hidden_dim": (1, False), "nheads": (1, False), "enc_layers": (0, False),
+                              "dec_layers": (1, False), "dim_feedforward": (1, False), "dropout": (0, False),
+                              "num_queries": (1, False), "image_size": (1, False), "max_image_size": (1, False)})
+        _check(type(self).__name__, "dropout", self.dropout < 1, "below 1", self.dropout)
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
 
@@ -85,7 +115,7 @@ class ModelConfig(_DictIO):
 
 @dataclass
 class TrainConfig(_DictIO):
-    """A training run. Defaults are the paper's recipe (reference section 8)."""
+    """A training run. Defaults are the paper's recipe (lr 1e-4, backbone 1e-5, batch 2 per GPU, AdamW)."""
 
     lr: float = 1e-4
     lr_backbone: float = 1e-5
@@ -135,6 +165,30 @@ class TrainConfig(_DictIO):
     checkpoint_every_epochs: int = 1  # 0: only at the end of the run and on SIGINT/SIGTERM
     eval_every_epochs: int = 1
     skip_bad: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject bad values now, naming the field, rather than after the data is loaded."""
+        _check_choice(self, "schedule", ("step", "cosine"))
+        _check_choice(self, "amp", ("none", "bf16"))
+        _check_numbers(self, {
+            "lr": (0, False), "lr_backbone": (0, False), "weight_decay": (0, False), "batch_size": (1, False),
+            "epochs": (1, False), "max_steps": (1, True), "max_minutes": (0, True), "lr_drop_epoch": (0, False),
+            "warmup_steps": (0, False), "clip_max_norm": (0, False), "accumulate": (1, False),
+            "ema_decay": (0, True), "set_cost_class": (0, False), "set_cost_bbox": (0, False),
+            "set_cost_giou": (0, False), "ce_loss_coef": (0, False), "bbox_loss_coef": (0, False),
+            "giou_loss_coef": (0, False), "eos_coef": (0, False), "train_max_size": (1, False),
+            "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
+            "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
+            "seed": (0, False), "checkpoint_every_steps": (1, True), "checkpoint_every_epochs": (0, False),
+            "eval_every_epochs": (0, False)})
+        if self.ema_decay is not None:
+            _check("TrainConfig", "ema_decay", self.ema_decay < 1, "below 1 (or null: no EMA)", self.ema_decay)
+        _check_sizes(self, "train_scales")
+        _check_sizes(self, "crop_resize")
+        _check_sizes(self, "crop_size", 2)
+        if self.cache_views > 0 and self.lr_backbone > 0:
+            raise ValueError("TrainConfig.cache_views needs a frozen backbone: set lr_backbone to 0 "
+                             f"(got cache_views={self.cache_views}, lr_backbone={self.lr_backbone})")
 
 
 

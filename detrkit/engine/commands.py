@@ -191,7 +191,7 @@ def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=No
     from ..data.dataset import DetectionDataset
     from ..data.transforms import make_transforms
     from .evaluate import evaluate
-    from .train import as_index, coco_ground_truth
+    from .run_data import as_index, coco_ground_truth
 
     model, cfg = load_weights(weights)
     index = as_index(data, images_dir, split)
