@@ -1,4 +1,4 @@
-"""DETR's set loss (reference section 6): match, then classify every slot and regress the matched ones."""
+"""DETR's set loss: match, then classify every slot and regress the matched ones."""
 from __future__ import annotations
 
 import torch

@@ -105,3 +105,43 @@ def test_bf16_training_runs_under_autocast_and_learns():
 def test_configs_reject_bad_values_when_built_naming_the_field(cls, kw, field):
     with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}\b"):
         cls(**kw)
+
+
+def test_settings_merge_in_order_and_an_explicit_preset_wins(tmp_path):
+    from detrkit.config import build_configs
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("preset: detr-small\nlr: 3.0e-4\nmodel:\n  num_queries: 7\n")
+    m, t = build_configs(None, cfg_file)  # no --preset: the file's
+    assert (m.backbone, m.num_queries, t.lr) == ("resnet34", 7, 3e-4)
+    m, t = build_configs("detr-tiny", cfg_file, ["lr=5e-4"], epochs=3)  # --preset beats the file's preset:
+    assert (m.backbone, m.num_queries, t.lr, t.epochs) == ("resnet18", 7, 5e-4, 3)
+    cfg_file.write_text("preset: detr-huge\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: unknown preset 'detr-huge'"):
+        build_configs("detr-tiny", cfg_file)
+    cfg_file.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: TrainConfig\.batch_size"):
+        build_configs(None, cfg_file)
+
+
+def test_every_command_defaults_to_the_same_device_and_a_broken_command_module_is_an_error(monkeypatch):
+    import importlib
+
+    from detrkit import cli
+    from detrkit.device import default_device
+
+    parser = cli.build_parser()
+    for argv in (["train", "--data", "d", "--out", "o"], ["eval", "--weights", "w", "--data", "d"],
+                 ["predict", "x.jpg", "--weights", "w"], ["viz", "attention", "x.jpg", "--weights", "w", "--out", "a.png"],
+                 ["bench"]):
+        assert parser.parse_args(argv).device == default_device(), argv
+    real = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "detrkit.viz.commands":
+            raise ImportError("matplotlib is missing")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="matplotlib"):
+        cli.build_parser()
