@@ -15,7 +15,7 @@ from .data.transforms import resize_for_inference
 from .model import DETR, build_model
 from .postprocess import Detections, postprocess
 from .weights import huggingface, native
-from .weights.load import load_model, load_weights  # noqa: F401  (load_weights: also importable from here)
+from .weights.load import load_model
 
 
 def _as_pil(image: Any) -> Image.Image:
