@@ -184,7 +184,7 @@ class TrainConfig(_DictIO):
             "giou_loss_coef": (0, False), "eos_coef": (0, False), "train_max_size": (1, False),
             "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
             "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
-            "seed": (0, False), "checkpoint_every_steps": (1, True), "checkpoint_every_epochs": (0, False),
+            "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
             "eval_every_epochs": (0, False)})
         if self.ema_decay is not None:
             _check("TrainConfig", "ema_decay", self.ema_decay < 1, "below 1 (or null: no EMA)", self.ema_decay)
