@@ -135,7 +135,8 @@ class DETRSegmentation(nn.Module):
       and with return_attention: mask_attention [B,Q,heads,h,w] (the bbox attention maps) and
       feature_mask [B,h,w].
     `mask_queries` (optional, [B,K] query indices) computes masks for those queries only
-    (pred_masks [B,K,H/4,W/4]): training needs the matched ones, and the head's cost is per query.
+    (pred_masks [B,K,H/4,W/4]): training needs the matched ones, and the head's cost is per query;
+    `detect` then `predict_masks` split the two steps so the matching can run in between.
     """
 
     def __init__(self, cfg: ModelConfig, backbone_weights: str | None = None, detr: DETR | None = None):
@@ -154,6 +155,15 @@ class DETRSegmentation(nn.Module):
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                 return_attention: bool = False, mask_queries: Tensor | None = None) -> dict:
+        out, state = self.detect(images, mask, return_attention)
+        out["pred_masks"] = self.predict_masks(state, mask_queries)
+        if return_attention:
+            out["mask_attention"] = state["mask_attention"]
+        return out
+
+    def detect(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
+               return_attention: bool = False) -> tuple[dict, dict]:
+        """The detector's outputs, and what the mask head needs (`state`, for `predict_masks`)."""
         if isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
@@ -165,7 +175,6 @@ class DETRSegmentation(nn.Module):
         fmask = feature_mask(mask, levels[-1])
         pos = detr.position(fmask).to(levels[-1].dtype).flatten(2).transpose(1, 2)  # [B,N,d]
         src_proj = detr.input_proj(levels[-1])  # [B,d,h,w]
-        b, d, h, w = src_proj.shape
         key_mask = fmask.flatten(1) if (return_attention or fmask.any()) else None
         hs, memory, attention = detr.transformer(src_proj.flatten(2).transpose(1, 2), key_mask,
                                                  detr.query_embed.weight, pos, return_attention)
@@ -173,18 +182,24 @@ class DETRSegmentation(nn.Module):
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": bx} for a, bx in zip(logits[:-1], boxes[:-1])]
-
-        queries = hs[-1]  # [B,Q,d]
-        if mask_queries is not None:
-            queries = queries.gather(1, mask_queries[..., None].expand(-1, -1, d))
-        memory_map = memory.transpose(1, 2).reshape(b, d, h, w)
-        bbox_mask = self.bbox_attention(queries, memory_map, fmask if fmask.any() else None)
-        seg = self.mask_head(src_proj, bbox_mask, [levels[2], levels[1], levels[0]])
-        out["pred_masks"] = seg.view(b, queries.shape[1], *seg.shape[-2:])
         if return_attention:
             out["attention"] = {**attention, "feature_mask": fmask}
-            out["mask_attention"] = bbox_mask
-        return out
+        b, d, h, w = src_proj.shape
+        state = {"queries": hs[-1], "memory": memory.transpose(1, 2).reshape(b, d, h, w), "fmask": fmask,
+                 "src_proj": src_proj, "fpns": [levels[2], levels[1], levels[0]]}
+        return out, state
+
+    def predict_masks(self, state: dict, mask_queries: Tensor | None = None) -> Tensor:
+        """Mask logits [B,Q,H/4,W/4] (or [B,K,..] for the query indices `mask_queries` [B,K]).
+        Sets state["mask_attention"] [B,Q|K,heads,h,w]."""
+        queries = state["queries"]  # [B,Q,d]
+        if mask_queries is not None:
+            queries = queries.gather(1, mask_queries[..., None].expand(-1, -1, queries.shape[-1]))
+        fmask = state["fmask"]
+        bbox_mask = self.bbox_attention(queries, state["memory"], fmask if fmask.any() else None)
+        state["mask_attention"] = bbox_mask
+        seg = self.mask_head(state["src_proj"], bbox_mask, state["fpns"])
+        return seg.view(queries.shape[0], queries.shape[1], *seg.shape[-2:])
 
 
 def build_segmentation_model(cfg: ModelConfig, backbone_weights: str | None = None) -> DETRSegmentation:
