@@ -127,7 +127,7 @@ def make_synthetic_panoptic(out_dir: str | os.PathLike, num_images: int = 200, s
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, pan_anns, inst_anns = [], [], []
     for i in range(num_images):
-        rng = np.random.default_rng([seed, i, 7])
+        rng = np.random.default_rng([seed, i, 7])  # an independent stream per image
         image, ids, category = render_panoptic_sample(rng, image_size, max_things)
         # segment ids spread over the RGB range (as COCO's are), so a PNG is not mostly black
         remap = {sid: int(rng.integers(1, 256 ** 3)) for sid in category}
@@ -139,7 +139,8 @@ def make_synthetic_panoptic(out_dir: str | os.PathLike, num_images: int = 200, s
         ids = lut[ids]
         category = {remap[k]: v for k, v in category.items()}
         name = f"{i:06d}"
-        image.save(out / "images" / f"{name}.{image_format}", **({"quality": 92} if image_format == "jpg" else {}))
+        image.save(out / "images" / f"{name}.{image_format}",
+                   **({"quality": 92} if image_format == "jpg" else {"compress_level": 1}))
         write_segment_ids(ids, out / "panoptic" / f"{name}.png")
         segments = segments_from_ids(ids, category)
         images.append({"id": i + 1, "file_name": f"images/{name}.{image_format}", "width": image.width,

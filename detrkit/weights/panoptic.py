@@ -102,8 +102,9 @@ def infer_panoptic_config(sd: dict[str, torch.Tensor], dilation: bool = False) -
     """ModelConfig of a panoptic state dict (our keys); the released 250-class layout gets COCO names."""
     cfg = authors.infer_config(detector_part(sd), dilation)
     if cfg.num_classes == AUTHORS_NUM_CLASSES:
-        names, _ = panoptic_class_names()
+        names, stuff = panoptic_class_names()
         cfg = cfg.with_classes(names, list(range(AUTHORS_NUM_CLASSES)))
+        cfg.stuff_category_ids = stuff
     return cfg
 
 
@@ -173,6 +174,8 @@ def load_hf_segmentation(path: str | Path) -> tuple[dict[str, torch.Tensor], Mod
         "dropout": hf_cfg.get("dropout", 0.1),
         "class_names": [id2label.get(i, "N/A") for i in range(n)] if id2label else base.class_names,
         "category_ids": hf_cfg.get("detrkit_category_ids") or list(range(n)),
+        "stuff_category_ids": hf_cfg.get("detrkit_stuff_category_ids")
+        or (panoptic_class_names()[1] if n == AUTHORS_NUM_CLASSES else []),
         **({"image_size": hf_cfg["detrkit_image_size"], "max_image_size": hf_cfg["detrkit_max_image_size"]}
            if "detrkit_image_size" in hf_cfg else {}),
     })
@@ -185,6 +188,36 @@ def save_hf_segmentation(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_sd = {k: v.detach().cpu().contiguous() for k, v in to_hf_segmentation_state_dict(sd).items()}
     save_file(hf_sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = {**huggingface.hf_config(cfg), "architectures": ["DetrForSegmentation"]}
+    config = {**huggingface.hf_config(cfg), "architectures": ["DetrForSegmentation"],
+              "detrkit_stuff_category_ids": cfg.stuff_category_ids}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def load_panoptic_weights(source: str | Path, dilation: bool | None = None
+                          ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Panoptic weights from a published name, an authors' .pth, a Hugging Face DetrForSegmentation
+    directory or a native file/directory; a box detector's weights come back as they are (no mask-head
+    keys: `is_panoptic` is False and the caller adds a fresh head)."""
+    from . import hub, native
+
+    if isinstance(source, str) and source in hub.PUBLISHED and not Path(source).exists():
+        path = hub.published_path(source)
+        dil = ("dc5" in source) if dilation is None else dilation
+        if "panoptic" in source:
+            return load_authors_panoptic(path, dilation=dil)
+        return authors.load_authors(path, dilation=dil)
+    path = Path(source)
+    if path.is_dir() and is_hf_segmentation_dir(path):
+        return load_hf_segmentation(path)
+    if path.is_file() and path.suffix not in (".safetensors",) and not native.is_native(path):
+        try:
+            return load_authors_panoptic(path, dilation)
+        except ValueError:
+            pass  # a detector checkpoint: the generic loader below reads it
+    from ..detector import load_weights
+
+    sd, cfg = load_weights(source, dilation=dilation)
+    if is_panoptic(sd) and cfg.num_classes == AUTHORS_NUM_CLASSES and not cfg.stuff_category_ids:
+        cfg.stuff_category_ids = panoptic_class_names()[1]
+    return sd, cfg
