@@ -44,7 +44,7 @@ def run_panoptic_main_job(out_dir: str | os.PathLike, minutes: float = 20.0, pre
     out.mkdir(parents=True, exist_ok=True)
     train_json, val_json = make_synthetic_panoptic_splits(
         out / "data", train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
-        image_size=DEFAULT_IMAGE_SIZE)
+        image_size=DEFAULT_IMAGE_SIZE, image_format="jpg")
     model_cfg, train_cfg = build_configs(preset, None, sets)
     spent = (time.monotonic() - t0) / 60
     budget = minutes - spent - EVAL_RESERVE_MINUTES
