@@ -116,3 +116,17 @@ def test_bad_panoptic_samples_are_counted_skips(setup, tmp_path):
                           progress=False)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_samples"] >= 1
     assert res.steps == 2
+
+
+def test_cli_synth_panoptic_and_viz_masks(setup, tmp_path, capsys):
+    from detrkit.cli import main
+
+    root, _, _ = setup
+    assert main(["data", "synth", str(tmp_path / "syn"), "--panoptic", "--images", "3", "--min-side", "48",
+                 "--max-side", "64"]) == 0
+    assert "stuff: sky, ground, stripes" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "syn" / "panoptic.json")]) == 0
+    image = sorted((tmp_path / "syn" / "images").iterdir())[0]
+    assert main(["viz", "masks", str(image), "--weights", str(root / "detector"), "--threshold", "0",
+                 "--max-detections", "2", "--out", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").stat().st_size > 0
