@@ -130,3 +130,30 @@ def test_cli_synth_panoptic_and_viz_masks(setup, tmp_path, capsys):
     assert main(["viz", "masks", str(image), "--weights", str(root / "detector"), "--threshold", "0",
                  "--max-detections", "2", "--out", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_panoptic_predict_files_and_eval_command(setup, tmp_path, capsys):
+    from detrkit.engine.panoptic_commands import eval_panoptic_command, predict_panoptic_files
+
+    root, train_json, val_json = setup
+    if not (root / "stage2" / "final").exists():
+        train_mask_head(root / "detector", train_json, None, root / "stage2", max_steps=1, batch_size=3,
+                        progress=False)
+    det = Detector.from_pretrained(root / "stage2" / "final")
+    images = sorted((val_json.parent / "images").iterdir())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    n, failed = predict_panoptic_files(det, images + [bad], tmp_path / "out", threshold=0.0, progress=False)
+    assert n == len(images) and [f for f, _ in failed] == [str(bad)]
+    data = json.loads((tmp_path / "out" / "panoptic.json").read_text())
+    for ann in data["annotations"]:
+        ids = read_segment_ids(tmp_path / "out" / "panoptic" / ann["file_name"])
+        measured = segments_from_ids(ids, {s["id"]: s["category_id"] for s in ann["segments_info"]})
+        assert sorted((m["id"], m["area"], m["bbox"]) for m in measured) == \
+            sorted((s["id"], s["area"], s["bbox"]) for s in ann["segments_info"])
+        assert (tmp_path / "out" / ann["file_name"]).exists()  # the overlay
+    assert eval_panoptic_command(str(root / "stage2" / "final"), str(val_json), threshold=0.0,
+                                 out=str(tmp_path / "m.json")) == 0
+    text = capsys.readouterr().out
+    assert "things" in text and "stuff" in text and "mask AP" in text
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 3
