@@ -42,26 +42,29 @@ def _horizon(rng: np.random.Generator, w: int, level: float, h: int) -> np.ndarr
     return level * h + amp * np.sin(2 * math.pi * x / period + phase)
 
 
-def _stuff_colours(rng: np.random.Generator, name: str, h: int, w: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+def _stuff_colours(rng: np.random.Generator, name: str, h: int, w: int, rows: tuple[int, int]) -> np.ndarray:
+    """[r1-r0,W,3] colours of rows r0..r1-1 of an h x w image (only the rows a region spans are drawn)."""
+    r0, r1 = rows
+    yy, xx = np.mgrid[r0:r1, 0:w].astype(np.float64)
+    n = r1 - r0
     if name == "sky":
         top = np.array(colorsys.hsv_to_rgb(rng.uniform(0.55, 0.65), rng.uniform(0.5, 0.9), rng.uniform(0.6, 0.9))) * 255
         bottom = np.array([200.0, 215.0, 235.0]) + rng.normal(0, 10, 3)
         t = (yy / max(h - 1, 1))[..., None]
-        return top * (1 - t) + bottom * t + rng.normal(0, 3, (h, w, 3))
+        return top * (1 - t) + bottom * t + rng.normal(0, 3, (n, w, 3))
     if name == "ground":
         base = np.array(colorsys.hsv_to_rgb(rng.uniform(0.08, 0.3), rng.uniform(0.4, 0.8), rng.uniform(0.3, 0.55))) * 255
         coarse = rng.normal(0, 18, (8, 8, 3))
         tex = np.asarray(Image.fromarray((coarse + 128).clip(0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
                          dtype=np.float64) - 128
-        return base + tex + rng.normal(0, 10, (h, w, 3))
+        return base + tex[r0:r1] + rng.normal(0, 10, (n, w, 3))
     # stripes: two alternating colours along a diagonal
     a = np.array(colorsys.hsv_to_rgb(rng.uniform(), 0.3, 0.35)) * 255
     b = np.array(colorsys.hsv_to_rgb(rng.uniform(), 0.3, 0.7)) * 255
     period = rng.uniform(6, 12)
     angle = rng.uniform(0.3, 1.2) * rng.choice([-1, 1])
     on = (np.floor((xx * math.cos(angle) + yy * math.sin(angle)) / period) % 2)[..., None]
-    return a * on + b * (1 - on) + rng.normal(0, 4, (h, w, 3))
+    return a * on + b * (1 - on) + rng.normal(0, 4, (n, w, 3))
 
 
 def render_panoptic_sample(rng: np.random.Generator, image_size: tuple[int, int] = (128, 192),
@@ -84,7 +87,8 @@ def render_panoptic_sample(rng: np.random.Generator, image_size: tuple[int, int]
     for name, region in regions:
         if region.sum() == 0:
             continue
-        img[region] = _stuff_colours(rng, name, h, w)[region]
+        r0, r1 = (int(v) for v in np.nonzero(region.any(1))[0][[0, -1]])
+        img[r0: r1 + 1][region[r0: r1 + 1]] = _stuff_colours(rng, name, h, w, (r0, r1 + 1))[region[r0: r1 + 1]]
         ids[region] = next_id
         category[next_id] = stuff_id[name]
         next_id += 1
