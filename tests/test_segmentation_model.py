@@ -176,3 +176,34 @@ def test_authors_panoptic_layout_loads(tmp_path):
     sd2, cfg2 = native.load_native(tmp_path / "native")
     assert cfg2 == loaded_cfg and panoptic.is_panoptic(sd2)
     assert all(torch.equal(sd2[k], v) for k, v in model.state_dict().items())
+
+
+def test_published_panoptic_name_downloads_hash_checked(tmp_path, monkeypatch):
+    """`detr-r50-panoptic` through the hub (a local mirror stands in for the authors' server)."""
+    import hashlib
+
+    from detrkit import Detector
+    from detrkit.weights import hub
+
+    assert hub.PUBLISHED["detr-r50-panoptic"] == ("detr-r50-panoptic-00ce5173.pth", "00ce5173")
+    assert {"detr-r50-dc5-panoptic", "detr-r101-panoptic"} <= set(hub.PUBLISHED)
+    names, _ = panoptic.panoptic_class_names()
+    cfg = get_preset("detr-r50").model.with_classes(names)
+    cfg.enc_layers = cfg.dec_layers = 1  # a small file; the loader infers the layer counts
+    cfg.num_queries = 5
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    src = mirror / "payload.pth"
+    torch.save({"model": panoptic.to_authors_panoptic(DETRSegmentation(cfg).state_dict())}, src)
+    prefix = hashlib.sha256(src.read_bytes()).hexdigest()[:8]
+    name = f"detr-r50-panoptic-{prefix}.pth"
+    src.rename(mirror / name)
+    monkeypatch.setattr(hub, "_BASE", mirror.as_uri() + "/")
+    monkeypatch.setitem(hub.PUBLISHED, "detr-r50-panoptic", (name, prefix))
+    monkeypatch.setenv("DETRKIT_CACHE", str(tmp_path / "cache"))
+    det = Detector.from_pretrained("detr-r50-panoptic")
+    assert det.segmentation is not None and det.config.num_classes == 250
+    assert 187 in det.config.stuff_category_ids and 1 not in det.config.stuff_category_ids
+    det.config.image_size, det.config.max_image_size = 64, 80  # keep the test fast
+    [res] = det.predict(torch.rand(3, 64, 80), task="panoptic", panoptic_threshold=0.0)
+    assert res.ids.shape == (64, 80)
