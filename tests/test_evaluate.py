@@ -204,3 +204,24 @@ def test_ap_does_not_depend_on_batch_size(tmp_path):
     assert len(r1) == len(r8) == 10 * len(dataset)
     assert np.allclose([r["bbox"] for r in r1], [r["bbox"] for r in r8], atol=1e-3)
     assert np.allclose([r["score"] for r in r1], [r["score"] for r in r8], atol=1e-5)
+
+
+def test_evaluation_runs_the_inference_copy_with_the_same_numbers(tmp_path, monkeypatch):
+    """Issue 15, problem 8: evaluation ran the training graph (unfolded batch norm, unpacked convolutions),
+    the bulk of a 65 s coco128 evaluation. It now runs the inference copy; the numbers are the same."""
+    import detrkit.engine.evaluate as ev
+
+    model, cfg, dataset = tiny_model_and_images()
+    model.eval()
+    gt = gt_from_model(model, cfg, dataset)
+    with monkeypatch.context() as m:
+        m.setattr(ev, "_inference_runner", lambda model, amp: model)
+        plain = evaluate(model, dataset, cfg.category_ids, gt, batch_size=4, collate_fn=collate, progress=False)
+
+    def training_graph(*a, **k):
+        raise AssertionError("evaluation ran the training graph")
+
+    monkeypatch.setattr(model, "forward", training_graph)
+    fast = evaluate(model, dataset, cfg.category_ids, gt, batch_size=4, collate_fn=collate, progress=False)
+    for name in STAT_NAMES:
+        assert fast[name] == pytest.approx(plain[name], abs=1e-6), name

@@ -190,6 +190,19 @@ def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category
     return records
 
 
+def _inference_runner(model: nn.Module, amp: str) -> nn.Module:
+    """What evaluation runs: for a DETR, its inference copy (batch norm folded into the convolutions,
+    packed oneDNN kernels on a CPU; the same outputs to float rounding, 2-4x faster on a CPU, which is
+    most of an evaluation's time); any other module (a wrapper, a stand-in in tests) as it is."""
+    from ..model import DETR
+
+    if type(model) is not DETR:
+        return model
+    from ..model.fuse import optimize_for_inference
+
+    return optimize_for_inference(model, torch.bfloat16 if amp == "bf16" else torch.float32)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: dict | COCO, batch_size: int = 4,
              device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
@@ -210,6 +223,7 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
     evaluator = CocoEvaluator(coco_gt)
     was_training = model.training
     model.eval()
+    runner = _inference_runner(model, amp)
     bad_count = 0
     try:
         for images, targets, bad in tqdm(loader, desc="eval", unit="batch", disable=not progress):
@@ -219,8 +233,8 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
             if not images:
                 continue
             images = [im.to(device, non_blocking=True) for im in images]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                outputs = model(images, batch_invariant=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and runner is model):
+                outputs = runner(images, batch_invariant=True)
             evaluator.add(predictions_to_coco_results(outputs, targets, category_ids),
                           image_ids=[int(t["image_id"]) for t in targets])
     finally:
