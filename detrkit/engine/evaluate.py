@@ -157,15 +157,17 @@ class CocoEvaluator:
         width = max([len("class")] + [len(n) for n in self.category_names.values()])
         lines = [f"{'id':>6}  {'class':<{width}}  {'gt':>6}  {'AP':>6}  {'AP50':>6}"]
         for c in ap:
-            cells = ["   n/a" if v < 0 else f"{100 * v:6.1f}" for v in (ap[c], ap50[c])]
+            cells = ["   n/a" if v < 0 else f"{v:6.3f}" for v in (ap[c], ap50[c])]  # fractions, as everywhere
             lines.append(f"{c:>6}  {self.category_names[c]:<{width}}  {counts[c]:>6}  {cells[0]}  {cells[1]}")
         return "\n".join(lines)
 
     def write_results(self, path: str | os.PathLike) -> Path:
-        """The result records as a COCO results JSON file (what loadRes reads)."""
+        """The result records as a COCO results JSON file (what loadRes reads), each with its class name
+        under "category_name" (pycocotools ignores keys it does not know)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.results))
+        names = self.category_names
+        path.write_text(json.dumps([{**r, "category_name": names.get(r["category_id"])} for r in self.results]))
         return path
 
 
