@@ -242,3 +242,24 @@ def test_detrkit_makes_openmp_threads_sleep_while_they_wait():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "active"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "active"
+
+
+def test_evaluation_stops_when_asked():
+    """Issue 15, problem 7: a signal during the in-training evaluation must end it promptly (the run then
+    saves its last training state)."""
+    from detrkit.engine.evaluate import EvaluationInterrupted
+
+    model, cfg, dataset = tiny_model_and_images()
+    model.train()
+    gt = gt_from_model(model.eval(), cfg, dataset)
+    model.train()
+    asked = []
+
+    def stop_after_first():
+        asked.append(1)
+        return True
+
+    with pytest.raises(EvaluationInterrupted):
+        evaluate(model, dataset, cfg.category_ids, gt, batch_size=2, collate_fn=collate, progress=False,
+                 should_stop=stop_after_first)
+    assert len(asked) == 1 and model.training
