@@ -113,3 +113,23 @@ def add_train_masks_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=train_masks_command)
     return p
+
+
+def register(subparsers) -> None:
+    """`detrkit train-masks`; eval, predict and main-job take their panoptic options in their own modules."""
+    add_train_masks_parser(subparsers)
+
+
+def main_job_panoptic(args: argparse.Namespace) -> int:
+    """`detrkit main-job --panoptic`: the synthetic panoptic set, the two stages, PQ."""
+    from .panoptic_main_job import run_panoptic_main_job
+
+    summary = run_panoptic_main_job(args.out, minutes=args.minutes if args.minutes is not None else 20.0,
+                                    num_train=args.num_train, num_val=args.num_val, sets=args.set)
+    import json as _json
+
+    metrics = _json.loads((Path(args.out) / "metrics.json").read_text())
+    print_pq(metrics)
+    print(f"\npanoptic main job: PQ {summary['PQ']:.3f} (things {summary['PQ_th']:.3f}, stuff {summary['PQ_st']:.3f}) "
+          f"in {summary['minutes']:.1f} min -> {args.out}")
+    return 0
