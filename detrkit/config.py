@@ -87,6 +87,8 @@ class ModelConfig(_DictIO):
     image_size: int = 800; max_image_size: int = 1333  # noqa: E702
     class_names: list[str] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
+    # panoptic: the category ids that are stuff (merged per class by the post-processing); others are things
+    stuff_category_ids: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

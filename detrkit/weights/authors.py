@@ -77,9 +77,17 @@ def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[s
     except Exception as e:  # torch raises several types for damaged or foreign pickles
         raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    panoptic = isinstance(sd, dict) and "detr.class_embed.weight" in sd
+    if panoptic:  # a panoptic checkpoint: the box detector inside it (weights/panoptic.py has the rest)
+        sd = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
     if not isinstance(sd, dict) or "class_embed.weight" not in sd:
         raise ValueError(f"{path}: not a DETR checkpoint (no class_embed.weight in its state dict)")
     if dilation is None:
         dilation = "dc5" in path.name.lower()
     sd = from_authors_keys(sd)
-    return sd, infer_config(sd, dilation)
+    cfg = infer_config(sd, dilation)
+    if panoptic:
+        from .panoptic import infer_panoptic_config
+
+        cfg = infer_panoptic_config({"detr." + k: v for k, v in sd.items()}, dilation)
+    return sd, cfg
