@@ -46,9 +46,7 @@ _XYXY_ERROR_SHARE = 0.2
 @dataclass
 class BoxStats:
     count: int = 0
-    small: int = 0
-    medium: int = 0
-    large: int = 0
+    small: int = 0; medium: int = 0; large: int = 0  # noqa: E702  (COCO's area classes)
     width: tuple[float, float, float] | None = None  # min, median, max (pixels)
     height: tuple[float, float, float] | None = None
 

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from ..device import add_device_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ def add_train_masks_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=25, help="default 25 (the paper)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-minutes", type=float)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.set_defaults(func=train_masks_command)
     return p
 

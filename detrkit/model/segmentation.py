@@ -111,13 +111,7 @@ class MaskHeadSmallConv(nn.Module):
 
 def backbone_levels(detr: DETR, images: Tensor) -> list[Tensor]:
     """The backbone's layer1..layer4 outputs [B,C_i,H/4..H/32,W/4..W/32] (layer4 at H/16 with DC5)."""
-    body = detr.backbone.body
-    x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-    levels = []
-    for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
-        x = layer(x)
-        levels.append(x)
-    return levels
+    return detr.backbone.body.stages(images)
 
 
 def level_channels(detr: DETR) -> list[int]:
