@@ -1,4 +1,4 @@
-"""DETR's panoptic mask head (paper section 4.4, reference section 12).
+"""DETR's panoptic mask head (paper section 4.4).
 
 A box detector (`DETR`, unchanged and usable alone) plus two modules:
   * `MHAttentionMap`: for every object embedding of the last decoder layer, a multi-head attention
