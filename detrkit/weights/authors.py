@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from .safe_load import load_weights_only
 from .coco_names import authors_class_names
 
 # layer3 block count -> ResNet depth (bottleneck blocks have conv3, basic blocks do not)
@@ -72,10 +73,11 @@ def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[s
     """Load an authors' checkpoint without executing pickled code. DC5 is read from the file name
     (e.g. detr-r50-dc5-f0fb7ef5.pth) unless `dilation` says otherwise."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or foreign pickles
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
+    with open(path, "rb") as f:
+        if f.read(13) == b"DETRKIT-CKPT ":
+            raise ValueError(f"{path}: a detrkit training checkpoint, not model weights: use the run's "
+                             "final/ or best/ folder (or `detrkit eval --weights` on the checkpoint)")
+    ckpt = load_weights_only(path)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "class_embed.weight" not in sd:
         raise ValueError(f"{path}: not a DETR checkpoint (no class_embed.weight in its state dict)")

@@ -1,0 +1,249 @@
+"""A corpus of hostile and broken inputs, run through the command line as a user would.
+
+Each case builds its own input, runs `detrkit ...` in a child process (forked from this one, so the
+command line is the real entry point without re-importing torch each time; one case also starts a
+fresh interpreter) and asserts the exit code, a fragment of the message and the files left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _train_helpers import tiny_data, tiny_model
+
+from detrkit.data.coco import load_coco
+from detrkit.weights.native import save_native
+
+
+# ------------------------------------------------------------------------------------------ running
+@dataclass
+class Run:
+    code: int
+    output: str  # stdout and stderr together
+
+    def __repr__(self) -> str:  # shown by pytest when an assertion fails
+        return f"Run(code={self.code}, output=...{self.output[-3000:]!r})"
+
+
+def cli(*args: str | os.PathLike, timeout: float = 600) -> Run:
+    """`detrkit ARGS` in a forked child: exit code as the interpreter would give it (an uncaught
+    exception is 1 with a traceback), stdout + stderr as one text."""
+    argv = [str(a) for a in args]
+    r, w = os.pipe()
+    out_fd, out_path = _tempfile()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(r)
+            os.dup2(out_fd, 1)
+            os.dup2(out_fd, 2)
+            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
+            logging.root.handlers.clear()  # pytest's capture handlers: let the CLI configure its own
+            from detrkit.cli import main
+
+            try:
+                code = int(main(argv) or 0)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(r)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    os.close(out_fd)
+    text = Path(out_path).read_text(errors="replace")
+    os.unlink(out_path)
+    return Run(os.waitstatus_to_exitcode(status), text)
+
+
+def _tempfile() -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix="detrkit-cli-", suffix=".log")
+
+
+def cli_subprocess(*args: str | os.PathLike, timeout: float = 600) -> Run:
+    """`python -m detrkit.cli ARGS` in a fresh interpreter."""
+    p = subprocess.run([sys.executable, "-m", "detrkit.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return Run(p.returncode, p.stdout + p.stderr)
+
+
+def no_traceback(run: Run) -> bool:
+    return "Traceback (most recent call last)" not in run.output
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def coco_set(tmp_path_factory) -> Path:
+    """4 synthetic 64x64 PNGs with boxes (COCO JSON)."""
+    return tiny_data(tmp_path_factory.mktemp("coco"), 4)
+
+
+@pytest.fixture(scope="module")
+def weights(coco_set, tmp_path_factory) -> Path:
+    """Untrained tiny model for coco_set's classes, saved natively."""
+    index = load_coco(coco_set)
+    cfg = tiny_model().with_classes(index.class_names, index.category_ids)
+    from detrkit.model import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_native(build_model(cfg).state_dict(), cfg, path)
+    return path
+
+
+# ------------------------------------------------------------------------------- 1. code execution
+class _Payload:
+    """Unpickling this creates (opens for writing) the marker file: code run from a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(path: Path, marker: Path, weights: Path, version: int) -> Path:
+    """A checkpoint that would load (config, model weights) with a payload alongside, behind a header
+    of format `version` whose checksum is right: the checksum proves nothing about safety."""
+    from detrkit.weights.native import load_native
+
+    sd, cfg = load_native(weights)
+    state = {"model_cfg": cfg.to_dict(), "model": sd, "ema": None, "payload": _Payload(marker)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    header = f"DETRKIT-CKPT {version} ".encode() + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + body)
+    return path
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_pickle_payload_never_runs_through_any_command(tmp_path, coco_set, weights, version):
+    marker = tmp_path / "PWNED"
+    run_dir = tmp_path / "run"
+    evil = _evil_checkpoint(run_dir / "last.pt", marker, weights, version)
+    bare = tmp_path / "evil.pt"  # the same payload without our header, as a .pt / .pth file
+    buf = io.BytesIO()
+    torch.save({"model": {"class_embed.weight": torch.zeros(2, 2)}, "payload": _Payload(marker)}, buf)
+    bare.write_bytes(buf.getvalue())
+    image = next((coco_set.parent / "images").iterdir())
+    commands = {
+        "eval --weights X.pt": ("eval", "--weights", evil, "--data", coco_set, "--device", "cpu"),
+        "eval --weights RUN_DIR": ("eval", "--weights", run_dir, "--data", coco_set, "--device", "cpu"),
+        "predict --weights X.pt": ("predict", image, "--weights", evil, "--no-progress", "--json", tmp_path / "p.json"),
+        "predict --weights bare.pt": ("predict", image, "--weights", bare, "--no-progress", "--json", tmp_path / "p.json"),
+        "viz attention --weights": ("viz", "attention", image, "--weights", evil, "--out", tmp_path / "a.png"),
+        "viz queries --weights": ("viz", "queries", "--weights", evil, "--data", coco_set, "--out",
+                                  tmp_path / "q.png"),
+        "export onnx --weights": ("export", "onnx", "--weights", evil, "--out", tmp_path / "m.onnx"),
+        "export hf --weights": ("export", "hf", "--weights", bare, "--out", tmp_path / "hf"),
+        "train --weights": ("train", "--data", coco_set, "--out", tmp_path / "ft", "--weights", evil,
+                            "--device", "cpu", "--max-steps", "1"),
+        "train --resume": ("train", "--data", coco_set, "--out", run_dir, "--resume", "--device", "cpu",
+                           "--max-steps", "1"),
+    }
+    for name, args in commands.items():
+        run = cli(*args)
+        assert not marker.exists(), f"{name}: the pickle payload ran"
+        assert run.code != 0, f"{name}: exited 0 on a hostile checkpoint: {run}"
+        named = bare.name if bare in args else evil.name
+        assert named in run.output, f"{name}: the message does not name the file: {run}"
+    # and once in a fresh interpreter, exactly as the console script runs
+    run = cli_subprocess("eval", "--weights", evil, "--data", coco_set, "--device", "cpu")
+    assert not marker.exists() and run.code != 0
+    assert "last.pt" in run.output and ("code" in run.output or "foreign" in run.output), run
+
+
+def test_every_torch_load_is_weights_only():
+    root = Path(__file__).resolve().parent.parent / "detrkit"
+    calls = []
+    for f in root.rglob("*.py"):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if "torch.load(" in line:
+                calls.append((f"{f.name}:{n}", "weights_only=True" in line))
+    assert calls and all(ok for _, ok in calls), calls
+
+
+def test_checkpoint_round_trips_training_state_exactly(tmp_path):
+    """Everything train.py stores comes back equal: RNG states (Python tuple, numpy array), optimizer
+    state with int keys, None, nan, nested lists; and the file holds no pickle at all."""
+    import random
+
+    from detrkit.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": None}
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": [rng], "order": [3, 1, 2],
+             "best_ap": float("nan"), "metrics": {"AP": 0.25}, "ema": None, "step": 5,
+             "shared": [model.weight, model.weight]}
+    path = tmp_path / "last.pt"
+    save_checkpoint(state, path)
+    payload = path.read_bytes().split(b"\n", 1)[1]
+    assert payload[8:9] == b"{" and not payload.startswith(b"PK")  # safetensors (JSON header), no pickle
+    back = load_checkpoint(path)
+    assert back["step"] == 5 and back["order"] == [3, 1, 2] and back["ema"] is None
+    assert np.isnan(back["best_ap"]) and back["metrics"] == {"AP": 0.25}
+    assert all(torch.equal(back["model"][k], v) for k, v in model.state_dict().items())
+    assert torch.equal(back["shared"][0], back["shared"][1])
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])  # int keys and the betas tuple survive
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    r = back["rng"][0]
+    assert r["python"] == rng["python"]
+    random.setstate(r["python"])
+    np.random.set_state(r["numpy"])
+    torch.set_rng_state(r["torch"])
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+    assert a == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_old_format_checkpoint_reads_through_the_safe_path(tmp_path):
+    """A format-1 (pickle) checkpoint of plain data and numpy RNG arrays still loads, restricted."""
+    import random
+
+    from detrkit.engine.checkpoint import load_checkpoint
+
+    state = {"model": {"w": torch.arange(3.0)}, "rng": [{"python": random.getstate(),
+                                                       "numpy": np.random.get_state()}], "step": 3}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    path = tmp_path / "old.pt"
+    path.write_bytes(b"DETRKIT-CKPT 1 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    back = load_checkpoint(path)
+    assert back["step"] == 3 and torch.equal(back["model"]["w"], torch.arange(3.0))
+    assert np.array_equal(back["rng"][0]["numpy"][1], state["rng"][0]["numpy"][1])
