@@ -247,3 +247,171 @@ def test_old_format_checkpoint_reads_through_the_safe_path(tmp_path):
     back = load_checkpoint(path)
     assert back["step"] == 3 and torch.equal(back["model"]["w"], torch.arange(3.0))
     assert np.array_equal(back["rng"][0]["numpy"][1], state["rng"][0]["numpy"][1])
+
+
+# --------------------------------------------------------------------------------- 2. data corpus
+def _png(path: Path, w: int, h: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _png_bomb(path: Path, w: int, h: int) -> Path:
+    """A PNG whose header declares w x h pixels (1-bit gray) followed by a little valid data: a
+    decompression bomb's header without the cost of writing one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (1 + (w + 7) // 8) * 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _coco(root: Path, sizes: list[tuple[int, int]], boxes: bool = True, files: dict[int, str] | None = None
+          ) -> Path:
+    """COCO set: image i (1-based) of size sizes[i-1], one box each (the top-left quarter) unless
+    boxes=False. files: image id -> file name to list instead of writing an image (for odd files)."""
+    images, anns = [], []
+    for i, (w, h) in enumerate(sizes, 1):
+        name = (files or {}).get(i) or f"im{i}.png"
+        if name == f"im{i}.png":
+            _png(root / "images" / name, w, h, seed=i)
+        images.append({"id": i, "file_name": name, "width": w, "height": h})
+        if boxes:
+            anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, max(1, w // 2), max(1, h // 2)],
+                         "area": max(1, w // 2) * max(1, h // 2), "iscrowd": 0})
+    path = root / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}]}))
+    return path
+
+
+def _tiny_config(tmp_path: Path, **train) -> Path:
+    """Settings that train the tiny model at 64 px on a CPU in seconds."""
+    from _train_helpers import tiny_train
+
+    model = {k: v for k, v in tiny_model().to_dict().items() if k not in ("class_names", "category_ids")}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({"model": model, "train": {**tiny_train(pretrain_steps=0, **train).to_dict()}}))
+    return path
+
+
+def _yolo(root: Path, n: int = 3, labels: bool = True) -> Path:
+    for i in range(n):
+        _png(root / "images" / f"a{i}.png", 64, 48, seed=i)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        if labels:
+            (root / "labels" / f"a{i}.txt").write_text("0 0.5 0.5 0.25 0.5\n1 0.2 0.2 0.1 0.1\n")
+    return root
+
+
+def test_yolo_labels_follow_the_path_as_written_not_the_symlink_target(tmp_path):
+    store = _yolo(tmp_path / "store", 3)  # the real images live elsewhere, with their labels
+    ds = tmp_path / "ds"
+    (ds / "labels").mkdir(parents=True)
+    for t in (store / "labels").iterdir():
+        (ds / "labels" / t.name).write_text(t.read_text())
+    (ds / "images").symlink_to(store / "images", target_is_directory=True)
+    shutil_rm_labels = store / "labels"  # the target folder's own labels must not be the ones used
+    for t in shutil_rm_labels.iterdir():
+        t.unlink()
+    shutil_rm_labels.rmdir()
+    run = cli("data", "check", ds)
+    assert run.code == 0 and "Boxes: 6 in 2 classes" in run.output, run
+    out = tmp_path / "c.json"
+    run = cli("data", "convert", ds, "--out", out)
+    assert run.code == 0, run
+    assert len(json.loads(out.read_text())["annotations"]) == 6
+
+
+def test_yolo_set_without_any_label_file_fails_the_check(tmp_path):
+    ds = _yolo(tmp_path / "ds", 3, labels=False)
+    run = cli("data", "check", ds)
+    assert run.code == 1 and "no label files" in run.output, run
+
+
+def test_dataset_without_boxes_is_an_error_for_check_convert_train_and_a_warning_for_eval(tmp_path, weights):
+    ann = _coco(tmp_path / "empty", [(64, 64), (64, 64)], boxes=False)
+    run = cli("data", "check", ann)
+    assert run.code == 1 and "no image has a box" in run.output, run
+    run = cli("data", "convert", ann, "--out", tmp_path / "out.json")
+    assert run.code == 1 and "no image has a box" in run.output and not (tmp_path / "out.json").exists(), run
+    run = cli("train", "--data", ann, "--out", tmp_path / "run", "--config", _tiny_config(tmp_path),
+              "--device", "cpu")
+    assert run.code != 0 and "no image has a box" in run.output and not (tmp_path / "run" / "last.pt").exists()
+    run = cli("eval", "--weights", weights, "--data", ann, "--device", "cpu")
+    assert run.code == 0 and "WARNING" in run.output and "no image has a box" in run.output, run
+
+
+def test_symlink_loop_is_a_counted_bad_sample_in_check_and_train(tmp_path):
+    root = tmp_path / "loop"
+    ann = _coco(root, [(64, 64), (64, 64), (64, 64)], files={3: "loop.png"})
+    (root / "images" / "loop.png").symlink_to(root / "images" / "loop.png")
+    run = cli("data", "check", ann)
+    assert run.code == 1 and no_traceback(run) and "loop.png" in run.output, run
+    assert "symbolic links" in run.output or "symlink loop" in run.output, run
+
+
+def _odd_images_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "odd"
+    _png(folder / "a_good.png", 64, 48)
+    _png(folder / "b_dot.png", 1, 1)
+    _png(folder / "c_thin.png", 10000, 10)
+    _png(folder / "d_good.png", 48, 64, seed=3)
+    return folder
+
+
+def test_tiny_and_thin_images_come_out_of_predict_with_the_others(tmp_path, weights):
+    folder = _odd_images_folder(tmp_path)
+    out = tmp_path / "pred"
+    run = cli("predict", folder, "--weights", weights, "--out", out, "--json", tmp_path / "p.json",
+              "--threshold", "0", "--no-progress", "--batch-size", "4")
+    assert run.code == 0, run
+    assert sorted(p.name for p in out.iterdir()) == ["a_good.png", "b_dot.png", "c_thin.png", "d_good.png"]
+    assert Image.open(out / "c_thin.png").size == (10000, 10)
+
+
+def test_thin_image_in_eval_train_viz_and_check(tmp_path, weights):
+    ann = _coco(tmp_path / "thin", [(64, 64), (10000, 10), (1, 1), (64, 48)])
+    run = cli("data", "check", ann)
+    assert "aspect ratio" in run.output and "im2.png" in run.output, run
+    run = cli("eval", "--weights", weights, "--data", ann, "--device", "cpu")
+    assert run.code == 0 and "AP @[IoU=0.50:0.95" in run.output, run
+    run = cli("viz", "queries", "--weights", weights, "--data", ann, "--out", tmp_path / "q.png",
+              "--threshold", "0")
+    assert run.code == 0 and (tmp_path / "q.png").exists(), run
+    run = cli("viz", "attention", tmp_path / "thin" / "images" / "im2.png", "--weights", weights,
+              "--out", tmp_path / "a.png", "--threshold", "0")
+    assert run.code == 0 and (tmp_path / "a.png").exists(), run
+
+
+def test_decompression_bomb_refused_from_its_header(tmp_path, weights):
+    root = tmp_path / "bomb"
+    ann = _coco(root, [(64, 64), (64, 64), (20000, 20000)], files={3: "bomb.png"})
+    _png_bomb(root / "images" / "bomb.png", 20000, 20000)
+    run = cli("data", "check", ann)
+    assert run.code == 1 and "bomb.png" in run.output and "decompression bomb" in run.output, run
+    assert "400 Mpx" in run.output, run
+    run = cli("predict", root / "images", "--weights", weights, "--json", tmp_path / "p.json", "--no-progress")
+    assert run.code == 0 and "decompression bomb" in run.output and "2 image(s)" in run.output, run
+
+
+def test_training_survives_a_symlink_loop_a_bomb_and_thin_images(tmp_path):
+    """One run over every odd image: the loop and the bomb are counted bad samples, the 10000x10 and
+    1x1 images train (resized with a floor), the run ends with weights."""
+    root = tmp_path / "odd"
+    ann = _coco(root, [(64, 64), (10000, 10), (1, 1), (64, 48), (64, 64), (40000, 40000)],
+                files={5: "loop.png", 6: "bomb.png"})
+    (root / "images" / "loop.png").symlink_to(root / "images" / "loop.png")
+    _png_bomb(root / "images" / "bomb.png", 40000, 40000)
+    run = cli("train", "--data", ann, "--out", tmp_path / "run", "--config", _tiny_config(tmp_path, epochs=2),
+              "--device", "cpu")
+    assert run.code == 0 and "2 bad samples skipped" in run.output, run
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    bad = (tmp_path / "run" / "bad_samples.jsonl").read_text()
+    assert "bomb.png" in bad and "decompression bomb" in bad and "loop.png" in bad and "symlink loop" in bad

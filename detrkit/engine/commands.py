@@ -195,6 +195,8 @@ def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=No
 
     model, cfg = load_weights(weights)
     index = as_index(data, images_dir, split)
+    if index.no_box_message():
+        log.warning("%s; every AP below is -1 (undefined), not a score", index.no_box_message())
     missing = set(index.category_ids) - set(cfg.category_ids)
     if missing:
         log.warning("%s: categories %s are not known to the model (it knows %s)", index.source,
