@@ -415,3 +415,56 @@ def test_training_survives_a_symlink_loop_a_bomb_and_thin_images(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     bad = (tmp_path / "run" / "bad_samples.jsonl").read_text()
     assert "bomb.png" in bad and "decompression bomb" in bad and "loop.png" in bad and "symlink loop" in bad
+
+
+# ------------------------------------------------------------------------------------- 3. weights
+def test_own_state_dict_in_a_pth_is_recognised_or_refused_never_read_as_the_authors(tmp_path, coco_set, weights):
+    from detrkit.weights.authors import to_authors_keys
+    from detrkit.weights.native import load_native
+
+    sd, cfg = load_native(weights)
+    image = next((coco_set.parent / "images").iterdir())
+    predict = ("predict", image, "--threshold", "0", "--no-progress", "--precision", "float32", "--json")
+    bare = tmp_path / "mine.pth"
+    torch.save({"model": sd}, bare)
+    run = cli(*predict, tmp_path / "bare.json", "--weights", bare)
+    assert run.code != 0 and "mine.pth" in run.output and "detrkit's own state dict" in run.output, run
+    assert not (tmp_path / "bare.json").exists()
+    # with its config beside it, it is recognised and predicts exactly what the native file does
+    with_cfg = tmp_path / "mine_cfg.pth"
+    torch.save({"model": sd, "model_cfg": cfg.to_dict()}, with_cfg)
+    assert cli(*predict, tmp_path / "cfg.json", "--weights", with_cfg).code == 0
+    assert cli(*predict, tmp_path / "native.json", "--weights", weights).code == 0
+    assert json.loads((tmp_path / "cfg.json").read_text()) == json.loads((tmp_path / "native.json").read_text())
+    # the authors' key names with a tensor of the wrong shape: refused, naming the tensor
+    authors = to_authors_keys(sd)
+    authors["transformer.decoder.norm.weight"] = torch.ones(7)
+    bad = tmp_path / "detr-bad.pth"
+    torch.save({"model": authors}, bad)
+    run = cli(*predict, tmp_path / "bad.json", "--weights", bad)
+    assert run.code != 0 and "detr-bad.pth" in run.output and "transformer.decoder.norm.weight" in run.output, run
+
+
+# -------------------------------------------------------------------------------------- 4. configs
+def test_config_errors_name_the_config_file(tmp_path, coco_set, weights):
+    from detrkit.weights.native import load_native
+
+    cases = {"unknown_key.yaml": ("model:\n  hidden_dimm: 64\n", "hidden_dimm"),
+             "bad_value.yaml": ("train:\n  batch_size: two\n", "batch_size"),
+             "shapes.yaml": ("model:\n  hidden_dim: 30\n  nheads: 8\n", "not divisible")}
+    for name, (text, fragment) in cases.items():
+        (tmp_path / name).write_text(text)
+        run = cli("train", "--data", coco_set, "--out", tmp_path / "run", "--config", tmp_path / name,
+                  "--device", "cpu")
+        assert run.code != 0 and name in run.output and fragment in run.output, (name, run)
+        assert not (tmp_path / "run" / "last.pt").exists()
+    # the config.json of a weights folder: an unknown key, then a shape its tensors do not have
+    sd, cfg = load_native(weights)
+    folder = tmp_path / "weights_dir"
+    save_native(sd, cfg, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    image = next((coco_set.parent / "images").iterdir())
+    for change, fragment in (({"hidden_dimm": 64}, "hidden_dimm"), ({"dim_feedforward": 128}, "wrong shape")):
+        (folder / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
+        run = cli("predict", image, "--weights", folder, "--json", tmp_path / "p.json", "--no-progress")
+        assert run.code != 0 and "config.json" in run.output and fragment in run.output, (change, run)

@@ -254,7 +254,7 @@ def _check_boxes(index: DatasetIndex, fmt: str, report: CheckReport, sizes: dict
 
 
 def _extreme_shapes(index: DatasetIndex, sizes: dict[int, tuple[int, int]]) -> list[Problem]:
-    """Images so thin or small that the network sees them distorted (the short side is floored)."""
+    """Images so thin that the network sees little of them (the short side may be floored)."""
     out = []
     for im in index.images:
         w, h = sizes.get(im.id, (im.width, im.height))
@@ -263,11 +263,8 @@ def _extreme_shapes(index: DatasetIndex, sizes: dict[int, tuple[int, int]]) -> l
         ratio = max(w, h) / min(w, h)
         if ratio > MAX_ASPECT_RATIO:
             out.append(Problem("warning", str(im.file),
-                               f"extreme aspect ratio {w}x{h} ({ratio:.0f}:1): resized with the short side "
-                               f"floored at {MIN_SIDE} px, so the network sees it stretched"))
-        elif min(w, h) < MIN_SIDE:
-            out.append(Problem("warning", str(im.file),
-                               f"tiny image {w}x{h}: upscaled to the network's input size"))
+                               f"extreme aspect ratio {w}x{h} ({ratio:.0f}:1): at the network's input size its "
+                               f"short side is a few pixels (floored at {MIN_SIDE} px, stretching it)"))
     return out
 
 

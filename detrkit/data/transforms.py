@@ -22,8 +22,9 @@ from torchvision.transforms.v2._utils import query_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# the shortest side an image is resized to: the backbone's stride, so its feature map keeps one cell
-MIN_SIDE = 32
+# the shortest side an image is resized to: the authors' rule gives 0 px for very thin images (10000x10
+# at 1333 px), which no resize can produce; 16 px keeps a little content in the one feature cell
+MIN_SIDE = 16
 
 
 def resized_shape(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:

@@ -58,8 +58,38 @@ def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, values: dict
         if not (in_model or in_train):
             raise ValueError(f"{source}: unknown setting {key!r}; ModelConfig fields: {sorted(mf)}; "
                              f"TrainConfig fields: {sorted(tf)}")
+        _check_type(ModelConfig if in_model else TrainConfig, name, value, source)
         (m if in_model else t)[name] = value
-    return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
+    try:
+        return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
+    except (TypeError, ValueError) as e:  # a value that contradicts another (hidden_dim vs nheads, ...)
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _check_type(cls, name: str, value: Any, source: str) -> None:
+    """A setting's value must have its field's type (an int for an int, a list for a list, ...)."""
+    ftype = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    options = [o.strip() for o in ftype.split("|")]
+    if value is None:
+        ok = "None" in options
+    else:
+        ok = False
+        for o in options:
+            base = o.split("[")[0]
+            if base == "bool":
+                ok |= isinstance(value, bool)
+            elif base == "int":
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            elif base == "float":
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif base == "str":
+                ok |= isinstance(value, str)
+            elif base == "list":
+                ok |= isinstance(value, list)
+            else:
+                ok = True  # a type this check does not know: left to the config class
+    if not ok:
+        raise ValueError(f"{source}: {name} must be {ftype.replace('|', 'or')}, got {value!r}")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
