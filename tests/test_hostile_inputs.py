@@ -468,3 +468,105 @@ def test_config_errors_name_the_config_file(tmp_path, coco_set, weights):
         (folder / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
         run = cli("predict", image, "--weights", folder, "--json", tmp_path / "p.json", "--no-progress")
         assert run.code != 0 and "config.json" in run.output and fragment in run.output, (change, run)
+
+
+# --------------------------------------------------------------------------- 5. runs and the flags
+@pytest.mark.parametrize("argv, flag, fragment", [
+    (("predict", "x.jpg", "--weights", "w", "--json", "o.json", "--threshold", "2"), "--threshold", "between 0 and 1"),
+    (("predict", "x.jpg", "--weights", "w", "--json", "o.json", "--top-k", "-1"), "--top-k", "positive integer"),
+    (("predict", "x.jpg", "--weights", "w", "--json", "o.json", "--batch-size", "0"), "--batch-size", "positive"),
+    (("train", "--data", "d", "--out", "o", "--max-minutes", "-5"), "--max-minutes", "positive number"),
+    (("train", "--data", "d", "--out", "o", "--max-minutes", "nan"), "--max-minutes", "finite"),
+    (("train", "--data", "d", "--out", "o", "--batch-size", "0"), "--batch-size", "positive integer"),
+    (("train", "--data", "d", "--out", "o", "--epochs", "0"), "--epochs", "positive integer"),
+    (("train", "--data", "d", "--out", "o", "--max-steps", "-3"), "--max-steps", "positive integer"),
+    (("eval", "--weights", "w", "--data", "d", "--batch-size", "0"), "--batch-size", "positive integer"),
+    (("eval", "--weights", "w", "--data", "d", "--num-workers", "-1"), "--num-workers", "0 or more"),
+    (("viz", "queries", "--weights", "w", "--data", "d", "--out", "q.png", "--min-score", "1.5"), "--min-score",
+     "between 0 and 1"),
+    (("viz", "attention", "x.jpg", "--weights", "w", "--out", "a.png", "--dpi", "0"), "--dpi", "positive"),
+    (("data", "synth", "out", "--images", "0"), "--images", "positive integer"),
+])
+def test_numeric_flags_are_validated_naming_the_flag(tmp_path, argv, flag, fragment):
+    run = cli(*argv)
+    assert run.code == 2 and f"argument {flag}" in run.output and fragment in run.output, run
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(tmp_path, coco_set):
+    config = _tiny_config(tmp_path)  # 1 epoch of 4 images at batch 2: 2 steps
+    run_dir = tmp_path / "run"
+    assert cli("train", "--data", coco_set, "--out", run_dir, "--config", config, "--device", "cpu").code == 0
+    before = {p.name: p.read_bytes() for p in (run_dir / "last.pt", run_dir / "metrics.jsonl")}
+    run = cli("train", "--data", coco_set, "--out", run_dir, "--config", config, "--device", "cpu", "--resume",
+              "--max-steps", "40")
+    assert run.code == 0 and "nothing to do" in run.output and "2 steps" in run.output, run
+    assert {p: (run_dir / p).read_bytes() for p in before} == before  # nothing rewritten
+
+
+def test_a_second_live_run_into_the_same_folder_is_refused_a_stale_lock_taken_over(tmp_path, coco_set):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run_dir / "train.lock").write_text(json.dumps({"pid": owner.pid, "host": os.uname().nodename,
+                                                        "started": "earlier"}))
+        run = cli("train", "--data", coco_set, "--out", run_dir, "--config", _tiny_config(tmp_path),
+                  "--device", "cpu")
+        assert run.code != 0 and f"in use by another training run (pid {owner.pid}" in run.output, run
+        assert not (run_dir / "last.pt").exists() and json.loads((run_dir / "train.lock").read_text())["pid"] == owner.pid
+    finally:
+        owner.kill()
+        owner.wait()
+    run = cli("train", "--data", coco_set, "--out", run_dir, "--config", _tiny_config(tmp_path), "--device", "cpu")
+    assert run.code == 0 and "stale lock" in run.output and (run_dir / "last.pt").exists(), run
+    assert not (run_dir / "train.lock").exists()  # released at the end
+
+
+def _disk_fills_after(monkeypatch, good_writes: int) -> None:
+    """The checkpoint writer succeeds `good_writes` times, then the disk is full half way through a file."""
+    import errno
+
+    from detrkit.engine import checkpoint
+
+    real, calls = checkpoint._write_file, []
+
+    def write(path, payload):
+        calls.append(path)
+        if len(calls) <= good_writes:
+            return real(path, payload)
+        with open(path, "wb") as f:
+            f.write(payload[: len(payload) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_write_file", write)
+
+
+def test_full_disk_one_line_naming_the_path_keeps_the_previous_checkpoint_no_temp_files(tmp_path, monkeypatch,
+                                                                                         coco_set):
+    from detrkit.engine.checkpoint import DiskFullError, load_checkpoint, save_run_checkpoint
+
+    save_run_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path)
+    _disk_fills_after(monkeypatch, 0)
+    with pytest.raises(DiskFullError) as e:
+        save_run_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "last.pt")) and "disk full" in str(e.value)
+    assert "\n" not in str(e.value) and e.value.errno == 28
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    # through a training run: the first checkpoint is written, the disk fills on the second
+    monkeypatch.undo()
+    _disk_fills_after(monkeypatch, 1)
+    run_dir = tmp_path / "run"
+    run = cli("train", "--data", coco_set, "--out", run_dir, "--config",
+              _tiny_config(tmp_path, checkpoint_every_steps=1), "--device", "cpu")
+    assert run.code != 0 and f"{run_dir / 'last.pt'}: disk full" in run.output, run
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 1
+    assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
+def test_eval_of_a_model_with_categories_the_data_lacks_scores_the_overlap(tmp_path, weights):
+    ann = _coco(tmp_path / "two", [(64, 64), (64, 48)])  # ids 1, 2; the model knows 1..5
+    run = cli("eval", "--weights", weights, "--data", ann, "--device", "cpu", "--out", tmp_path / "m.json")
+    assert run.code == 0 and "[3, 4, 5] are not in the ground truth" in run.output, run
+    assert "shared categories [1, 2]" in run.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0.0 <= metrics["AP"] <= 1.0

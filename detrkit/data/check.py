@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from detrkit.argtypes import non_negative_int
 from detrkit.data.formats import detect_format, load_annotations
 from detrkit.data.images import ImageError, image_size, load_image, resolved
 from detrkit.data.index import DatasetIndex, Problem
@@ -343,7 +344,7 @@ def add_check_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
     p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
     p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
-    p.add_argument("--max-problems", type=int, default=20, help="list at most this many errors and warnings each")
+    p.add_argument("--max-problems", type=non_negative_int, default=20, help="list at most this many errors and warnings each")
     p.set_defaults(func=check_command)
     return p
 

@@ -48,6 +48,9 @@ class CheckpointError(RuntimeError):
 class DiskFullError(OSError):
     """The disk filled up while writing a file; the previous file is untouched."""
 
+    def __str__(self) -> str:  # one line naming the file, without the "[Errno 28]" prefix
+        return str(self.strerror)
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -62,6 +65,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_file(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_atomic(path: str | Path, payload: bytes, keep_previous: str | Path | None = None) -> None:
     """Write bytes to `path` so that readers only ever see the old or the new complete file.
 
@@ -73,15 +83,12 @@ def write_atomic(path: str | Path, payload: bytes, keep_previous: str | Path | N
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_file(tmp, payload)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(e.errno, f"{path}: disk full, {len(payload) / 1e6:.1f} MB not written "
-                                         f"(the previous file is kept): {os.strerror(e.errno)}") from None
+            raise DiskFullError(e.errno, f"{path}: disk full, {len(payload) / 1e6:.1f} MB not written; the "
+                                         "previous file is kept") from None
         raise
     if keep_previous is not None and path.exists():
         os.replace(path, keep_previous)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..config import ModelConfig, TrainConfig
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, load_latest, save_run_checkpoint
+from .run_lock import RunLock
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    status: str  # "completed", "max_steps", "max_minutes" or "interrupted"
+    status: str  # "completed", "max_steps", "max_minutes", "interrupted" or "nothing_to_do" (resumed, finished)
     step: int
     epoch: int  # epochs fully done
     metrics: dict[str, float] = field(default_factory=dict)  # last COCO evaluation (empty if none)
@@ -243,8 +244,7 @@ def train(
     main = rank == 0
     dev = torch.device(device if not device.startswith("cuda") or not distributed
                        else f"cuda:{dist_utils.local_rank()}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock.acquire(run_dir) if main else None  # one training per folder
     dist_utils.barrier()
 
     # ---- data
@@ -342,6 +342,10 @@ def train(
                      batches_done)
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
+    if resumed_from is not None and step >= total_steps:  # a finished run: say so, touch nothing
+        if lock is not None:
+            lock.release()
+        return TrainResult(run_dir, "nothing_to_do", step, epoch, last_metrics, best_ap, 0, skipped_steps, 0.0)
 
     amp_dtype = torch.bfloat16 if train_cfg.amp == "bf16" else None
     if train_cfg.amp not in ("none", "bf16"):
@@ -647,6 +651,8 @@ def train(
             log.info("stopped by signal at step %d; resume with --resume", step)
         if bad_total:
             log.warning("%d bad samples were skipped; see %s", bad_total, bad_file)
+    if lock is not None:
+        lock.release()
     dist_utils.barrier()
     return result
 

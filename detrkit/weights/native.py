@@ -5,6 +5,7 @@ config in its metadata. Either way the SHA-256 of the tensors is recorded and ve
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,10 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{path}: disk full, not written; the previous file is kept") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
