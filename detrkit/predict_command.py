@@ -126,7 +126,7 @@ def predict_files(detector: Any, paths: Sequence[Path], *, out_dir: str | Path |
                 try:
                     batch.append((i, load_image(paths[i])))
                 except Exception as e:  # report and go on: one bad file must not stop the run
-                    reason = getattr(e, "problem", None) or str(e)
+                    reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # MemoryError: ""
                     log.error("skipping %s: %s", paths[i], reason)
                     failed.append((str(paths[i]), reason))
                     bar.update(1)

@@ -178,4 +178,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         rgb = _to_rgb(im)
     except (OSError, ValueError) as e:
         raise ImageError(path, f"cannot convert image (mode {im.mode}) to RGB: {e}") from e
+    except MemoryError as e:
+        raise ImageError(path, f"not enough memory to convert the {im.width}x{im.height} image to RGB") from e
     return rgb
