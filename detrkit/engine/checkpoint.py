@@ -169,7 +169,10 @@ def decode_state(payload: bytes, map_location: str | torch.device | None = None)
         raise ValueError(f"not a detrkit safetensors payload ({type(e).__name__}: {e})") from None
     if map_location is not None:
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
-    return _decode(tree, tensors)
+    try:
+        return _decode(tree, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"inconsistent payload ({type(e).__name__}: {e})") from None
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -229,7 +232,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return _load_format1(path, body, map_location)
     try:
         return decode_state(body, map_location)
-    except ValueError as e:
+    except (ValueError, KeyError, TypeError) as e:  # a payload whose structure and tensors disagree
         raise CheckpointError(f"{path}: damaged or foreign checkpoint payload ({e})") from None
 
 
