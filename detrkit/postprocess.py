@@ -1,7 +1,10 @@
 """Model outputs -> detections in original-image pixels (reference section 7)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,7 +14,9 @@ from torchvision.ops import box_convert
 @dataclass
 class Detections:
     """Detections of one image. boxes [K,4] xyxy pixels of the original upright image, scores [K],
-    labels [K] contiguous class indices; category_ids / label_names are the dataset's ids and names."""
+    labels [K] contiguous class indices; category_ids / label_names are the dataset's ids and names of
+    each box. image: the picture they were found in, when the detector was given one it could keep (a
+    path, a PIL image or an array), for `plot` and `save`."""
 
     boxes: Tensor
     scores: Tensor
@@ -19,17 +24,60 @@ class Detections:
     category_ids: list[int]
     label_names: list[str]
     image_size: tuple[int, int]  # (h, w)
+    image: Any = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_coco(self, image_id: int) -> list[dict]:
-        """COCO result records (bbox xywh pixels)."""
+        """COCO result records (bbox xywh pixels), each with its class name under "category_name"."""
         xywh = box_convert(self.boxes, "xyxy", "xywh").tolist()
         return [
-            {"image_id": image_id, "category_id": int(c), "bbox": [round(v, 3) for v in b], "score": float(s)}
-            for b, c, s in zip(xywh, self.category_ids, self.scores.tolist())
+            {"image_id": image_id, "category_id": int(c), "category_name": n, "bbox": [round(v, 3) for v in b],
+             "score": float(s)}
+            for b, c, n, s in zip(xywh, self.category_ids, self.label_names, self.scores.tolist())
         ]
+
+    def plot(self, image: Any = None):
+        """The image with the boxes, class names and scores drawn on it (a new RGB PIL image).
+        image: a path, PIL image or HWC uint8 array; default: the one the detections were found in."""
+        from PIL import Image
+
+        from .viz.draw import draw_detections
+
+        image = self.image if image is None else image
+        if image is None:
+            raise ValueError("Detections.plot: no image to draw on; pass the image the detections came from")
+        if isinstance(image, (str, Path)):
+            from .data.images import load_image
+
+            image = load_image(image)
+        elif not isinstance(image, Image.Image):
+            import numpy as np
+
+            array = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+            image = Image.fromarray(array)
+        if image.size != (self.image_size[1], self.image_size[0]):
+            raise ValueError(f"Detections.plot: the image is {image.size[0]}x{image.size[1]}, the detections were "
+                             f"made on {self.image_size[1]}x{self.image_size[0]}")
+        labels = self.labels.tolist()
+        names = [""] * (max(labels) + 1 if labels else 0)
+        for lab, name in zip(labels, self.label_names):
+            names[lab] = name
+        return draw_detections(image, self.boxes.numpy(), labels, self.scores.numpy(), names)
+
+    def save(self, path: str | Path, image: Any = None) -> Path:
+        """Write the drawn image (any image suffix) or, for a .json path, the COCO records (image_id 0)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(self.to_coco(0), indent=1))
+        else:
+            drawn = self.plot(image)
+            drawn.save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else drawn.save(path)
+        return path
 
 
 def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | list,

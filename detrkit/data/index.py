@@ -5,6 +5,7 @@ the checker, the converter and the evaluator consume it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,14 +89,15 @@ class DatasetIndex:
         return by_image
 
     def to_coco(self, relative_to: Path | None = None) -> dict:
-        """COCO instances JSON (file_name relative to `relative_to` when given)."""
+        """COCO instances JSON (file_name relative to `relative_to` when given, with ../ where the image
+        lies outside it, so a dataset folder moved or copied whole keeps working)."""
         from .images import resolved
 
         def name(p: Path) -> str:
             if relative_to is not None:
                 try:
-                    return str(resolved(p).relative_to(resolved(relative_to)))
-                except ValueError:
+                    return os.path.relpath(resolved(p), resolved(relative_to))
+                except ValueError:  # another drive (Windows): no relative path exists
                     pass
             return str(p)
 

@@ -1,10 +1,13 @@
 """`detrkit export onnx | hf`: write trained weights in other runtimes' formats."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import logging
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..argtypes import positive_int
 
@@ -19,6 +22,8 @@ def _load_model(weights: str):
 
 def verify_onnx(model: torch.nn.Module, path: str, sizes=((3, 480, 640), (3, 400, 520), (3, 352, 600))) -> float:
     """Largest |ONNX Runtime - PyTorch float32| over the outputs at batch 1 and a mixed-size batch of 3."""
+    import torch
+
     from ..model.detr import pad_images
     from .onnx import OnnxDETR
 
