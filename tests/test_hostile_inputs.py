@@ -40,8 +40,8 @@ class Run:
 
 
 def cli(*args: str | os.PathLike, timeout: float = 600) -> Run:
-    """`detrkit ARGS` in a forked child: exit code as the interpreter would give it (an uncaught
-    exception is 1 with a traceback), stdout + stderr as one text."""
+    """`detrkit ARGS` in a forked child (one torch thread): exit code as the interpreter would give it
+    (an uncaught exception is 1 with a traceback), stdout + stderr as one text."""
     argv = [str(a) for a in args]
     r, w = os.pipe()
     out_fd, out_path = _tempfile()
@@ -55,6 +55,9 @@ def cli(*args: str | os.PathLike, timeout: float = 600) -> Run:
             sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
             sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
             logging.root.handlers.clear()  # pytest's capture handlers: let the CLI configure its own
+            # OpenMP's thread team does not survive fork(): a parallel region in the child would wait for
+            # threads that exist only in the parent (the DataLoader's workers do the same)
+            torch.set_num_threads(1)
             from detrkit.cli import main
 
             try:
