@@ -52,6 +52,8 @@ class ModelConfig(_DictIO):
     max_image_size: int = 1333  # inference resize: longer side at most
     class_names: list[str] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
+    # panoptic: the category ids that are stuff (merged per class by the post-processing); others are things
+    stuff_category_ids: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

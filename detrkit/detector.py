@@ -59,6 +59,8 @@ class Detector:
         self.config = config or model.cfg
         self.device = torch.device(device)
         self.precision = precision
+        # the panoptic model (mask head) whose `detr` is `self.model`, when the weights have one
+        self.segmentation: torch.nn.Module | None = None
         self._runner: torch.nn.Module | None = None
         self._runner_key: tuple | None = None
 
@@ -85,8 +87,22 @@ class Detector:
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", *,
                         dilation: bool | None = None, precision: str = "float32") -> "Detector":
-        """A native dir/.safetensors, an authors' .pth, a Hugging Face dir, or a published name."""
-        sd, cfg = load_weights(source, dilation=dilation)
+        """A native dir/.safetensors, an authors' .pth, a Hugging Face dir, or a published name.
+        Panoptic weights (with a mask head) also give `predict(..., task="panoptic")`."""
+        from .weights.panoptic import load_panoptic_weights, is_panoptic
+
+        sd, cfg = load_panoptic_weights(source, dilation=dilation)
+        if is_panoptic(sd):
+            from .model.segmentation import DETRSegmentation
+
+            seg = DETRSegmentation(cfg)
+            missing, unexpected = seg.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{source}: weights do not fit the panoptic model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            det = cls(seg.detr, cfg, device=device, precision=precision)
+            det.segmentation = seg.eval().to(device)
+            return det
         model = build_model(cfg)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
@@ -95,9 +111,14 @@ class Detector:
         return cls(model, cfg, device=device, precision=precision)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return native.save_native(self.model.state_dict(), self.config, path)
+        model = self.segmentation if self.segmentation is not None else self.model
+        return native.save_native(model.state_dict(), self.config, path)
 
     def export_huggingface(self, out_dir: str | Path) -> Path:
+        if self.segmentation is not None:  # DetrForSegmentation
+            from .weights.panoptic import save_hf_segmentation
+
+            return save_hf_segmentation(self.segmentation.state_dict(), self.config, out_dir)
         return huggingface.save_huggingface(self.model.state_dict(), self.config, out_dir)
 
     # ---- inference ----------------------------------------------------------------------------
@@ -116,9 +137,15 @@ class Detector:
 
     @torch.no_grad()
     def predict(self, images: Any, threshold: float | None = 0.5, top_k: int | None = None,
-                batch_size: int = 4) -> list[Detections]:
+                batch_size: int = 4, task: str = "detection", panoptic_threshold: float = 0.85) -> list:
         """One `Detections` per image (boxes in pixels of the original image). Results do not depend
-        on batch_size: each image is computed as if alone."""
+        on batch_size: each image is computed as if alone.
+        task="panoptic" (weights with a mask head): one `PanopticResult` per image instead (segment
+        ids at the original size + segments_info), queries kept above `panoptic_threshold` (paper: 0.85)."""
+        if task == "panoptic":
+            return self._predict_panoptic(images, panoptic_threshold)
+        if task != "detection":
+            raise ValueError(f"task must be 'detection' or 'panoptic', got {task!r}")
         items = _as_list(images)
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
@@ -132,6 +159,20 @@ class Detector:
                     label_names=[self.config.class_names[i] for i in labels.tolist()],
                     image_size=size,
                 ))
+        return results
+
+
+    def _predict_panoptic(self, images: Any, threshold: float) -> list:
+        if self.segmentation is None:
+            raise ValueError("these weights have no mask head: panoptic prediction needs panoptic weights "
+                             "(e.g. detr-r50-panoptic, or a model trained with the mask head)")
+        from .engine.panoptic import predict_panoptic
+
+        results = []
+        for image in _as_list(images):
+            tensors, sizes = self.preprocess([image])
+            res, _ = predict_panoptic(self.segmentation, self.config, tensors[0], sizes[0], threshold)
+            results.append(res)
         return results
 
 

@@ -60,7 +60,7 @@ class BoxStats:
 @dataclass
 class CheckReport:
     source: Path
-    dataset_format: str  # coco / yolo / voc
+    dataset_format: str  # coco / yolo / voc / coco-panoptic
     split: str | None = None
     readable: bool = True  # False when the annotations could not be read at all
     errors: list[Problem] = field(default_factory=list)
@@ -296,6 +296,12 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     A dataset whose annotation file cannot be read at all gives a report with that one error.
     """
     path = Path(path)
+    from .panoptic import is_panoptic_json  # panoptic sets and instance masks: data/panoptic_check.py
+
+    if is_panoptic_json(path):
+        from .panoptic_check import check_panoptic
+
+        return check_panoptic(path, images_dir, decode_images=decode_images)
     try:
         fmt = detect_format(path)
     except (ValueError, OSError) as e:
@@ -314,7 +320,8 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     # the COCO reader names images it cannot find; do not report them a second time
     reported_missing = {
         im.id for im in index.images
-        for p in index.problems if p.where.endswith(f"image id {im.id}") and "not found" in p.message
+        for p in index.problems if p.where.endswith(f"image id {im.id}")
+        and ("not found" in p.message or "unreadable:" in p.message)
     } if fmt == "coco" and index.problems else set()
     for p in index.problems:
         report.add(p)
@@ -328,6 +335,11 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
         report.add(Problem("error", str(index.source), no_boxes.split(": ", 1)[1]))
     for p in _extreme_shapes(index, sizes):
         report.add(p)
+    if fmt == "coco":
+        from .panoptic_check import instance_mask_problems
+
+        for p in instance_mask_problems(index.source):
+            report.add(p)
     if fmt in ("coco", "voc") and split is None:  # YOLO's reader reports unlabelled images itself
         for p in _unlisted_images(index):
             report.add(p)
@@ -340,7 +352,7 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
 def add_check_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("check", help="check a dataset (COCO / YOLO / Pascal VOC) for problems",
                               description="Check annotations and images; exit status 1 when errors are found.")
-    p.add_argument("path", help="COCO .json, YOLO data.yaml or folder, or Pascal VOC folder")
+    p.add_argument("path", help="COCO .json (instances or panoptic), YOLO data.yaml or folder, or Pascal VOC folder")
     p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
     p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
     p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")

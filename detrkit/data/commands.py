@@ -21,6 +21,20 @@ def _run_synth(args: argparse.Namespace) -> int:
     if not 16 <= lo <= hi:
         print(f"error: need 16 <= --min-side <= --max-side, got {lo}, {hi}")
         return 2
+    if args.panoptic:
+        from .panoptic import load_panoptic
+        from .synthetic_panoptic import make_synthetic_panoptic
+
+        path = make_synthetic_panoptic(args.out_dir, num_images=args.images, seed=args.seed, image_size=(lo, hi),
+                                       image_format=args.format)
+        index = load_panoptic(path)
+        n = sum(len(r.segments) for r in index.records)
+        print(f"wrote {len(index.records)} images, {n} segments, things: "
+              f"{', '.join(name for _, name, t in index.categories if t)}; stuff: "
+              f"{', '.join(name for _, name, t in index.categories if not t)} to {path.parent}")
+        print(f"panoptic: {path} (+ {path.parent / 'panoptic'}/*.png); boxes and masks: "
+              f"{path.parent / 'annotations.json'}")
+        return 0
     path = make_synthetic(args.out_dir, num_images=args.images, seed=args.seed, variant=args.variant,
                           image_size=(lo, hi), image_format=args.format)
     index = load_coco(path)
@@ -40,6 +54,9 @@ def add_synth_command(data_sub) -> None:
     p.add_argument("--min-side", type=positive_int, default=192, help="smallest image side in pixels")
     p.add_argument("--max-side", type=positive_int, default=320, help="largest image side in pixels")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
+    p.add_argument("--panoptic", action="store_true",
+                   help="a panoptic set instead: stuff regions (sky, ground, stripes) under thing shapes; "
+                        "COCO panoptic (panoptic.json + PNGs) and instances with masks (annotations.json)")
     p.set_defaults(func=_run_synth)
 
 

@@ -74,6 +74,20 @@ def run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_masks(args: argparse.Namespace) -> int:
+    from ..data.images import load_image
+    from ..engine.panoptic import load_panoptic_model
+    from .panoptic import plot_mask_attention
+
+    model, cfg = load_panoptic_model(args.weights)
+    fig, k = plot_mask_attention(model, cfg, load_image(args.image), threshold=args.threshold,
+                                 max_detections=args.max_detections, device=args.device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=args.dpi)
+    print(f"{k} detection(s) above {args.threshold:g}; figure: {args.out}")
+    return 0
+
+
 def run_curves(args: argparse.Namespace) -> int:
     from .curves import plot_training_curves
 
@@ -120,6 +134,16 @@ def register(subparsers) -> None:
     a.add_argument("--device", default="cpu")
     a.add_argument("--dpi", type=positive_int, default=130)
     a.set_defaults(func=run_attention)
+
+    m = sub.add_parser("masks", help="per detection: the mask head's attention map of each head and the final mask")
+    m.add_argument("image", help="an image file")
+    m.add_argument("--weights", required=True, help="panoptic weights (with a mask head)")
+    m.add_argument("--out", required=True, help="figure file, e.g. masks.png")
+    m.add_argument("--threshold", type=float, default=0.7, help="detections scoring above this are shown")
+    m.add_argument("--max-detections", type=int, default=6)
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--dpi", type=int, default=110)
+    m.set_defaults(func=run_masks)
 
     c = sub.add_parser("curves", help="loss terms and AP over training from RUN_DIR/metrics.jsonl")
     c.add_argument("run_dir", help="a run folder holding metrics.jsonl (or the file itself)")

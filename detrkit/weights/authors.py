@@ -82,7 +82,10 @@ def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[s
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a DETR checkpoint (no state dict of tensors under 'model')")
-    if _is_native_layout(sd):
+    panoptic = "detr.class_embed.weight" in sd
+    if panoptic:  # a panoptic checkpoint: the box detector inside it (weights/panoptic.py has the rest)
+        sd = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
+    elif _is_native_layout(sd):
         return _native_in_pth(path, ckpt, sd)
     if "class_embed.weight" not in sd or not any(k.startswith("backbone.0.body.") for k in sd):
         raise ValueError(f"{path}: not a DETR checkpoint in the authors' layout (expected keys "
@@ -95,6 +98,10 @@ def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[s
     except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"{path}: the authors' layout is incomplete, cannot rebuild the model ({e})") from None
     require_fit(path, sd, cfg)
+    if panoptic:
+        from .panoptic import infer_panoptic_config
+
+        cfg = infer_panoptic_config({"detr." + k: v for k, v in sd.items()}, dilation)
     return sd, cfg
 
 

@@ -16,6 +16,10 @@ PUBLISHED: dict[str, tuple[str, str]] = {
     "detr-r50-dc5": ("detr-r50-dc5-f0fb7ef5.pth", "f0fb7ef5"),
     "detr-r101": ("detr-r101-2c7b67e5.pth", "2c7b67e5"),
     "detr-r101-dc5": ("detr-r101-dc5-a2e86def.pth", "a2e86def"),
+    # panoptic (detector + mask head; 250 classes + no-object)
+    "detr-r50-panoptic": ("detr-r50-panoptic-00ce5173.pth", "00ce5173"),
+    "detr-r50-dc5-panoptic": ("detr-r50-dc5-panoptic-da08f1b1.pth", "da08f1b1"),
+    "detr-r101-panoptic": ("detr-r101-panoptic-40021d53.pth", "40021d53"),
 }
 
 
