@@ -123,8 +123,13 @@ def require_fit(path: str | Path, sd: dict[str, torch.Tensor], cfg: ModelConfig)
     from ..model import build_model
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()
-                    if not k.endswith("num_batches_tracked")}
+        if any(k.startswith("detr.") for k in sd):  # a panoptic model: the detector inside plus the mask head
+            from ..model.segmentation import build_segmentation_model
+
+            net = build_segmentation_model(cfg)
+        else:
+            net = build_model(cfg)
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
