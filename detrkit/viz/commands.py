@@ -139,10 +139,10 @@ def register(subparsers) -> None:
     m.add_argument("image", help="an image file")
     m.add_argument("--weights", required=True, help="panoptic weights (with a mask head)")
     m.add_argument("--out", required=True, help="figure file, e.g. masks.png")
-    m.add_argument("--threshold", type=float, default=0.7, help="detections scoring above this are shown")
-    m.add_argument("--max-detections", type=int, default=6)
+    m.add_argument("--threshold", type=probability, default=0.7, help="detections scoring above this are shown")
+    m.add_argument("--max-detections", type=positive_int, default=6)
     m.add_argument("--device", default="cpu")
-    m.add_argument("--dpi", type=int, default=110)
+    m.add_argument("--dpi", type=positive_int, default=110)
     m.set_defaults(func=run_masks)
 
     c = sub.add_parser("curves", help="loss terms and AP over training from RUN_DIR/metrics.jsonl")
