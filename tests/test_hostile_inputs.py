@@ -172,6 +172,7 @@ def test_pickle_payload_never_runs_through_any_command(tmp_path, coco_set, weigh
                             "--device", "cpu", "--max-steps", "1"),
         "train --resume": ("train", "--data", coco_set, "--out", run_dir, "--resume", "--device", "cpu",
                            "--max-steps", "1"),
+        "viz masks --weights": ("viz", "masks", image, "--weights", evil, "--out", tmp_path / "m.png"),
     }
     for name, args in commands.items():
         run = cli(*args)
@@ -179,6 +180,14 @@ def test_pickle_payload_never_runs_through_any_command(tmp_path, coco_set, weigh
         assert run.code != 0, f"{name}: exited 0 on a hostile checkpoint: {run}"
         named = bare.name if bare in args else evil.name
         assert named in run.output, f"{name}: the message does not name the file: {run}"
+    # train-masks (not on the command line yet) loads its frozen detector the same way
+    from detrkit.engine.checkpoint import CheckpointError
+    from detrkit.engine.panoptic import load_panoptic_model
+
+    for source in (evil, run_dir):
+        with pytest.raises(CheckpointError, match="last.pt"):
+            load_panoptic_model(source)
+    assert not marker.exists()
     # and once in a fresh interpreter, exactly as the console script runs
     run = cli_subprocess("eval", "--weights", evil, "--data", coco_set, "--device", "cpu")
     assert not marker.exists() and run.code != 0
@@ -489,6 +498,8 @@ def test_config_errors_name_the_config_file(tmp_path, coco_set, weights):
      "between 0 and 1"),
     (("viz", "attention", "x.jpg", "--weights", "w", "--out", "a.png", "--dpi", "0"), "--dpi", "positive"),
     (("data", "synth", "out", "--images", "0"), "--images", "positive integer"),
+    (("viz", "masks", "x.jpg", "--weights", "w", "--out", "m.png", "--threshold", "7"), "--threshold",
+     "between 0 and 1"),
 ])
 def test_numeric_flags_are_validated_naming_the_flag(tmp_path, argv, flag, fragment):
     run = cli(*argv)
