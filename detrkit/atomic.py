@@ -27,6 +27,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write(tmp: Path, data: bytes | str | Callable[[Path], object]) -> None:
     if callable(data):
         data(tmp)
@@ -34,6 +40,9 @@ def _write(tmp: Path, data: bytes | str | Callable[[Path], object]) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    # an ordinary file's permissions (rw-r--r-- under the usual umask): some writers (safetensors)
+    # create theirs owner-only, which hid weight files from the other users of a shared machine
+    os.chmod(tmp, 0o666 & ~_umask())
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], object],

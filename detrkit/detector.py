@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .data.transforms import resize_for_inference
 from .model import DETR, build_model
 from .postprocess import Detections, postprocess
@@ -111,6 +111,51 @@ class Detector:
         model = model_from_weights(sd, cfg, source)
         return cls(model, cfg, device=device, precision=precision)
 
+    @classmethod
+    def from_preset(cls, name: str, device: str | torch.device = "cpu", precision: str = "float32",
+                    **settings: Any) -> "Detector":
+        """An untrained detector of a named preset, ready to `train`. settings: ModelConfig or TrainConfig
+        fields by name (num_queries=50, lr=2e-4, "model.image_size"...), as `--set` takes them. Its
+        classes come from the data `train` is given."""
+        from .config import apply_overrides, get_preset
+
+        preset = get_preset(name)
+        model_cfg, train_cfg = apply_overrides(preset.model, preset.train, settings, "Detector.from_preset")
+        det = cls.from_config(model_cfg.with_classes(model_cfg.class_names or ["object"]), device=device,
+                              precision=precision)
+        det.train_config = train_cfg
+        return det
+
+    def train(self, data, val=None, out: str | Path = "runs/train", *, max_minutes: float | None = None,
+              max_steps: int | None = None, epochs: int | None = None, val_fraction: float = 0.1,
+              resume: bool = False, weights: str | Path | None = None, plots: bool = True,
+              **train_args: Any) -> dict[str, Any]:
+        """Train on `data` (COCO JSON, YOLO or VOC folder, or a DatasetIndex) as `detrkit train` does, then
+        hold the trained weights (the run's best/, else final/). -> the last evaluation's metrics plus
+        "run_dir", "status", "step", "best_AP" and "seconds".
+
+        val: validation data (default: the dataset's val split, else `val_fraction` of the images held out);
+        out: the run folder (a numbered sibling if it holds another run, unless resume); weights: fine-tune
+        from these instead of this detector's own start; train_args: the rest of `engine.train.train`'s
+        keyword arguments (images_dir, split, ...)."""
+        import dataclasses
+
+        from .engine.train import train
+        from .weights.load import load_model
+
+        train_cfg = getattr(self, "train_config", None) or TrainConfig()
+        changes = {k: v for k, v in (("max_minutes", max_minutes), ("max_steps", max_steps), ("epochs", epochs))
+                   if v is not None}
+        train_cfg = dataclasses.replace(train_cfg, **changes)
+        result = train(self.config, train_cfg, data, val, out, device=str(self.device), resume=resume,
+                       init_weights=weights, val_fraction=val_fraction if val is None else 0.0, plots=plots,
+                       **train_args)
+        if result.status != "interrupted":
+            self.model, self.config = load_model(result.run_dir, device=self.device)
+            self._runner = None
+        return {**result.metrics, "run_dir": result.run_dir, "status": result.status, "step": result.step,
+                "best_AP": result.best_ap, "seconds": result.seconds}
+
     def save_pretrained(self, path: str | Path) -> Path:
         model = self.segmentation if self.segmentation is not None else self.model
         return native.save_native(model.state_dict(), self.config, path)
@@ -165,13 +210,14 @@ class Detector:
         tensors, sizes = self.preprocess(batch)
         out = self.inference_model(tensors, batch_invariant=True)
         results = []
-        for r, size in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes):
+        for r, size, image in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes,
+                                  batch):
             labels = r["labels"].cpu()
             results.append(Detections(
                 boxes=r["boxes"].cpu(), scores=r["scores"].cpu(), labels=labels,
                 category_ids=[self.config.category_ids[i] for i in labels.tolist()],
                 label_names=[self.config.class_names[i] for i in labels.tolist()],
-                image_size=size,
+                image_size=size, image=image,  # for Detections.plot / .save
             ))
         return results
 

@@ -10,7 +10,7 @@ import json
 import logging
 
 from .argtypes import positive_int, probability
-from .device import add_device_argument
+from .device import WEIGHTS_HELP, add_device_argument, add_precision_argument
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,14 @@ def register(subparsers) -> None:
         description="Detect objects in image files, folders and glob patterns (quote globs). "
                     "Boxes are in pixels of the upright (EXIF-applied) original image.")
     p.add_argument("images", nargs="+", help="image files, folders, or glob patterns such as 'photos/**/*.jpg'")
-    p.add_argument("--weights", required=True,
-                   help="detrkit run dir / .safetensors, authors' .pth, Hugging Face dir, or a published name")
-    p.add_argument("--out", help="folder for annotated images")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    p.add_argument("--out", help="folder to write the images with their boxes drawn into")
     p.add_argument("--json", help="COCO-results JSON file (image_id, file_name, category_id, bbox xywh, score)")
-    p.add_argument("--threshold", type=probability, default=0.5, help="minimum score (default 0.5)")
+    p.add_argument("--threshold", type=probability, default=0.5, help="minimum score")
     p.add_argument("--top-k", type=positive_int, default=None, help="keep at most K detections per image")
-    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (results do not depend on it)")
     add_device_argument(p)
-    p.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
-                   help="auto (default): bf16 where it is fast (CPUs with AMX, recent GPUs), else float32")
+    add_precision_argument(p, "auto", "inference (auto: bf16 where it is fast, CPUs with AMX and recent GPUs)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)

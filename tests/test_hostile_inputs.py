@@ -524,14 +524,16 @@ def test_a_second_live_run_into_the_same_folder_is_refused_a_stale_lock_taken_ov
     try:
         (run_dir / "train.lock").write_text(json.dumps({"pid": owner.pid, "host": os.uname().nodename,
                                                         "started": "earlier"}))
+        # a new run goes to a numbered sibling (issue 15); continuing in the locked folder is refused
         run = cli("train", "--data", coco_set, "--out", run_dir, "--config", _tiny_config(tmp_path),
-                  "--device", "cpu")
+                  "--device", "cpu", "--resume")
         assert run.code != 0 and f"in use by another training run (pid {owner.pid}" in run.output, run
         assert not (run_dir / "last.pt").exists() and json.loads((run_dir / "train.lock").read_text())["pid"] == owner.pid
     finally:
         owner.kill()
         owner.wait()
-    run = cli("train", "--data", coco_set, "--out", run_dir, "--config", _tiny_config(tmp_path), "--device", "cpu")
+    run = cli("train", "--data", coco_set, "--out", run_dir, "--config", _tiny_config(tmp_path), "--device", "cpu",
+              "--resume")
     assert run.code == 0 and "stale lock" in run.output and (run_dir / "last.pt").exists(), run
     assert not (run_dir / "train.lock").exists()  # released at the end
 
@@ -571,7 +573,7 @@ def test_full_disk_one_line_naming_the_path_keeps_the_previous_checkpoint_no_tem
     _disk_fills_after(monkeypatch, 1)
     run_dir = tmp_path / "run"
     run = cli("train", "--data", coco_set, "--out", run_dir, "--config",
-              _tiny_config(tmp_path, checkpoint_every_steps=1), "--device", "cpu")
+              _tiny_config(tmp_path, checkpoint_every_steps=1), "--device", "cpu", "--val-fraction", "0")
     assert run.code != 0 and f"{run_dir / 'last.pt'}: disk full" in run.output, run
     assert load_checkpoint(run_dir / "last.pt")["step"] == 1
     assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]

@@ -40,3 +40,17 @@ def test_coco_input_logs_its_counts(tmp_path, caplog):
         index = load_coco(path)
     expected = f"3 images, {len(index.annotations)} boxes, {len(index.categories)} classes"
     assert any(expected in r.getMessage() for r in caplog.records)
+
+
+def test_weight_files_have_ordinary_permissions(tmp_path):
+    """Issue 15, problem 10: weight files were written mode 0600 (safetensors' own choice)."""
+    import os
+
+    from detrkit.config import get_preset
+    from detrkit.detector import Detector
+
+    mask = os.umask(0)
+    os.umask(mask)
+    out = Detector.from_config(get_preset("detr-tiny").model.with_classes(["a"])).save_pretrained(tmp_path / "w")
+    for name in ("model.safetensors", "config.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~mask, name

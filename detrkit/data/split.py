@@ -96,7 +96,8 @@ def hold_out(index: DatasetIndex, fraction: float = 0.1, seed: int = 0) -> tuple
 
 
 def _key(path: Path) -> str:
-    return str(Path(path).resolve())
+    # absolute, not resolved: a symlink loop among the images must not break the split
+    return os.path.abspath(path)
 
 
 def save_split(run_dir: str | os.PathLike, train: DatasetIndex, val: DatasetIndex, fraction: float,
@@ -106,7 +107,7 @@ def save_split(run_dir: str | os.PathLike, train: DatasetIndex, val: DatasetInde
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"source": str(Path(train.source).resolve()), "fraction": fraction, "seed": seed,
+    record = {"source": os.path.abspath(train.source), "fraction": fraction, "seed": seed,
               "train": sorted(_key(im.file) for im in train.images),
               "val": sorted(_key(im.file) for im in val.images)}
     tmp = run_dir / (SPLIT_FILE + ".tmp")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..argtypes import non_negative_int, positive_float, positive_int
-from ..config import DEFAULT_PRESET, ModelConfig, build_configs
-from ..device import add_device_argument
+from ..config import DEFAULT_PRESET, build_configs
+from ..device import WEIGHTS_HELP, add_device_argument, add_precision_argument, amp_of
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 COCO_LABELS = (
     "AP @[IoU=0.50:0.95 | area=   all | maxDets=100]",
@@ -37,27 +39,33 @@ def train_command(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     model_cfg, train_cfg = build_configs(
         args.preset, args.config, args.set, epochs=args.epochs, max_minutes=args.max_minutes,
-        max_steps=args.max_steps, batch_size=args.batch_size, amp=args.amp,
+        max_steps=args.max_steps, batch_size=args.batch_size,
+        amp=None if args.precision == "auto" else amp_of(args.precision, args.device),
     )
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
-                   val_split=args.val_split, init_weights=args.weights, keep_class_names=args.keep_class_names)
+                   val_split=args.val_split, init_weights=args.weights, keep_class_names=args.keep_class_names,
+                   val_fraction=args.val_fraction, plots=not args.no_plots)
     if result.status == "nothing_to_do":
         print(f"nothing to do: {result.run_dir} has already trained {result.step} steps, all its epochs and "
               f"--max-steps allow; raise --epochs or --max-steps to train further")
         return 0
     if result.status == "interrupted":
-        print(f"stopped at step {result.step}; continue with: detrkit train ... --out {args.out} --resume")
+        print(f"stopped at step {result.step}; continue with: detrkit train ... --out {result.run_dir} --resume")
         return 0
     if result.metrics:
         print_coco(result.metrics)
-    print(f"run folder: {result.run_dir}  (weights: {result.run_dir / 'final'}, best: {result.run_dir / 'best'})")
+    best = result.run_dir / "best"
+    print(f"run folder: {result.run_dir}  (weights: {result.run_dir / 'final'}"
+          f"{f', best: {best}' if best.exists() else ''}; --weights {result.run_dir} takes the best)")
     if result.bad_samples:
         print(f"{result.bad_samples} bad samples skipped, listed in {result.run_dir / 'bad_samples.jsonl'}")
     return 0
 
 
 def _set_threads(threads: int | None) -> None:
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
@@ -95,13 +103,24 @@ def eval_command(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
     _set_threads(args.threads)
+    holder: list = []
     metrics, cfg = evaluate_weights(args.weights, args.data, args.images, args.split, args.batch_size,
-                                    args.device, args.amp, args.num_workers)
+                                    args.device, amp_of(args.precision, args.device), args.num_workers,
+                                    results_path=args.results, evaluator_out=holder)
     print_coco(metrics)
     print_per_class(metrics, cfg)
     if args.out:
         write_atomic(args.out, json.dumps(metrics, indent=2, default=float))
         print(f"\nwrote {args.out}")
+    if args.results:
+        print(f"wrote {args.results}")
+    if args.plots and holder:
+        from ..viz.plots import write_eval_plots
+        from .run_data import as_index
+
+        written = write_eval_plots(holder[0], args.plots, cfg.class_names, cfg.category_ids,
+                                   index=as_index(args.data, args.images, args.split))
+        print(f"plots in {args.plots}: {', '.join(p.name for p in written)}")
     return 0
 
 
@@ -118,12 +137,29 @@ def main_job_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    """--val-fraction: a share in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train DETR on a COCO / YOLO / VOC dataset",
                               description="Train (or resume) a run. Settings: --preset, then --config, "
-                                          "then --set key=value, then the flags below.")
-    p.add_argument("--data", required=True, help="training annotations (COCO JSON, YOLO or VOC folder)")
-    p.add_argument("--val", help="validation annotations (evaluated after each epoch)")
+                                          "then --set key=value, then the flags below. --max-minutes covers every "
+                                          "phase (data check, backbone pretraining, feature cache, training, "
+                                          "evaluation); the run prints its plan first.")
+    p.add_argument("--data", required=True, help="training annotations: COCO JSON, YOLO or Pascal VOC folder")
+    p.add_argument("--val", help="validation annotations (default: the dataset's val split, else --val-fraction "
+                                 "of --data held out)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1,
+                   help="without --val and without a val split: the seeded share of the images held out for "
+                        "validation, written to OUT/split.json and OUT/val.json (0: no validation)")
     p.add_argument("--images", help="image folder of --data (COCO JSON only)")
     p.add_argument("--val-images", help="image folder of --val (COCO JSON only)")
     p.add_argument("--split", help="split of --data (e.g. train2017, train)")
@@ -132,41 +168,51 @@ def register(subparsers) -> None:
                    help=f"named configuration (default: the config file's preset, else {DEFAULT_PRESET})")
     p.add_argument("--config", help="JSON or YAML file of settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--max-minutes", type=positive_float, help="stop after this long, evaluate and save")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--amp", choices=["none", "bf16"])
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--weights", help="fine-tune from these weights (published name, native, authors' .pth or "
-                                     "Hugging Face dir); the class head is re-initialised for the dataset")
+    p.add_argument("--out", required=True,
+                   help="run folder; if it holds another run, this one goes to OUT-2 (OUT-3, ...) unless --resume")
+    p.add_argument("--epochs", type=positive_int, help="epochs (default: the preset's)")
+    p.add_argument("--max-steps", type=positive_int,
+                   help="DETR optimizer steps at most; also caps the backbone pretraining steps (default: none)")
+    p.add_argument("--max-minutes", type=positive_float,
+                   help="time budget for the whole run, every phase included; then evaluate and save "
+                        "(default: none)")
+    p.add_argument("--batch-size", type=positive_int, help="images per step (default: the preset's)")
+    add_precision_argument(p, "auto", "training compute (auto: the preset's; evaluation is always float32)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
+    p.add_argument("--weights", help="fine-tune from these weights, the class head re-initialised for the dataset: "
+                                     + WEIGHTS_HELP)
     p.add_argument("--keep-class-names", action="store_true",
                    help="with --weights: keep the head rows of classes whose names the checkpoint also has")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the plots at the end (PR curves, confusion matrix, predictions, labels, results.csv)")
     add_device_argument(p)
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=train_command)
 
     e = subparsers.add_parser("eval", help="COCO evaluation of saved weights")
-    e.add_argument("--weights", required=True, help="native weights folder / .safetensors, or a last.pt")
-    e.add_argument("--data", required=True, help="annotations (COCO JSON, YOLO or VOC folder)")
+    e.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    e.add_argument("--data", required=True, help="annotations: COCO JSON, YOLO or Pascal VOC folder (a run's "
+                                                 "held-out split: RUN/val.json)")
     e.add_argument("--images", help="image folder (COCO JSON only)")
-    e.add_argument("--split")
-    e.add_argument("--batch-size", type=positive_int, default=4)
-    e.add_argument("--num-workers", type=non_negative_int, default=0)
-    e.add_argument("--amp", choices=["none", "bf16"], default="none")
-    e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--split", help="split of --data (e.g. val)")
+    e.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (results do not depend on it)")
+    e.add_argument("--num-workers", type=non_negative_int, default=0, help="image loading processes")
+    add_precision_argument(e, "float32", "inference")
+    e.add_argument("--out", help="write the metrics as JSON to this file")
+    e.add_argument("--results", help="write the detections as COCO results JSON (with class names) to this file")
+    e.add_argument("--plots", metavar="DIR", help="write PR curves, confusion matrix, prediction mosaic and label "
+                                                  "statistics into this folder")
     add_device_argument(e)
-    e.add_argument("--threads", type=positive_int)
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=eval_command)
 
     j = subparsers.add_parser("main-job", help="synthetic data -> train detr-tiny on CPU -> evaluate -> figures")
-    j.add_argument("--out", default="runs/main", help="run folder (default runs/main)")
-    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget (default 15)")
-    j.add_argument("--preset", default=DEFAULT_PRESET)
+    j.add_argument("--out", default="runs/main", help="run folder")
+    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget")
+    j.add_argument("--preset", default=DEFAULT_PRESET, help="named configuration")
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
-    j.add_argument("--num-train", type=positive_int, default=None)
-    j.add_argument("--num-val", type=positive_int, default=None)
-    j.add_argument("--set", action="append", metavar="KEY=VALUE")
-    j.add_argument("--threads", type=positive_int)
+    j.add_argument("--num-train", type=positive_int, default=None, help="training images (default: the job's)")
+    j.add_argument("--num-val", type=positive_int, default=None, help="validation images (default: the job's)")
+    j.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
+    j.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     j.set_defaults(func=main_job_command)

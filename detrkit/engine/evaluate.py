@@ -279,7 +279,8 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
 
 def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=None, batch_size: int = 4,
                      device: str = "cpu", amp: str = "none", num_workers: int = 0,
-                     results_path: str | os.PathLike | None = None) -> tuple[dict[str, Any], ModelConfig]:
+                     results_path: str | os.PathLike | None = None,
+                     evaluator_out: list | None = None) -> tuple[dict[str, Any], ModelConfig]:
     """Evaluate saved weights (anything `weights.load.load_weights` takes) on a dataset (annotation
     path or DatasetIndex) -> (evaluate()'s dict, the weights' ModelConfig).
 
@@ -302,5 +303,5 @@ def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=No
     dataset = DetectionDataset(index, eval_transforms(cfg.image_size, cfg.max_image_size), skip_bad=True)
     metrics = evaluate(detector.inference_model, dataset, cfg.category_ids, coco_ground_truth(index),
                        batch_size=batch_size, device=torch.device(device), amp="none", num_workers=num_workers,
-                       results_path=results_path)
+                       results_path=results_path, evaluator_out=evaluator_out)
     return metrics, cfg

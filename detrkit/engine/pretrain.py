@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CROPS_PER_BOX = 3  # one crop per margin draw; margins in [0.05, 0.6] of the box's longer side
 HELD_OUT = 0.1  # share of crops kept aside to report the classifier's accuracy
+# pretraining steps timed before the step count is fitted to the phase's share of --max-minutes
+FIT_AFTER = 3
+REFIT_EVERY = 10
 MAX_CROPS = 30_000  # 370 MB of 64 px uint8 crops; a few hundred steps of batch 64 see fewer
 
 
@@ -79,16 +83,28 @@ class PretrainResult:
     accuracy: float  # on the held-out crops (nan when there are fewer than 20 crops)
     num_crops: int
     classifier: nn.Module  # the trained torchvision ResNet, in eval mode
+    steps: int = 0  # steps run (fitted to --max-steps / the time share)
 
     def to_dict(self) -> dict[str, float]:
-        return {"pretrain_accuracy": self.accuracy, "pretrain_crops": float(self.num_crops)}
+        return {"pretrain_accuracy": self.accuracy, "pretrain_crops": float(self.num_crops),
+                "pretrain_steps": self.steps}
+
+
+def pretrain_steps_for(cfg: TrainConfig) -> int:
+    """The pretraining steps a run plans: cfg.pretrain_steps, at most --max-steps (which caps this phase
+    as well as the DETR steps it counts)."""
+    steps = cfg.pretrain_steps
+    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
 
 
 def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDataset, cfg: TrainConfig,
-                      num_classes: int, device: torch.device, progress: bool = True) -> PretrainResult:
+                      num_classes: int, device: torch.device, progress: bool = True,
+                      max_seconds: float | None = None, clock=time.monotonic) -> PretrainResult:
     """Train `backbone_name` (torchvision ResNet, batch norm) to classify box crops for
-    `cfg.pretrain_steps` steps, then load its conv1..layer4 weights and batch statistics into `body`
-    (a `ResNetBody`)."""
+    `pretrain_steps_for(cfg)` steps, then load its conv1..layer4 weights and batch statistics into `body`
+    (a `ResNetBody`). max_seconds: the time this phase may take (crops included); after a few steps the
+    step count is fitted to it, so the cosine runs down within the time instead of being cut."""
+    t0 = clock()
     g = torch.Generator().manual_seed(cfg.seed)
     crops, labels = box_crops(dataset, cfg.pretrain_crop_size, g)
     order = torch.randperm(len(crops), generator=g)
@@ -99,10 +115,21 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     bs = min(cfg.pretrain_batch_size, len(train))
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain backbone", disable=not progress, dynamic_ncols=True)
+    planned = total = pretrain_steps_for(cfg)
+    bar = tqdm(total=total, desc="pretrain backbone", disable=not progress, dynamic_ncols=True, unit="step")
     net.train()
-    for step in bar:
-        lr = cfg.pretrain_lr * lr_factor(step, cfg.pretrain_steps, "cosine")
+    step, t_steps = 0, clock()
+    while step < total:
+        # fitted after a few steps and re-measured every REFIT_EVERY (a busy machine's speed drifts)
+        if max_seconds is not None and step >= FIT_AFTER and (step == FIT_AFTER or step % REFIT_EVERY == 0):
+            now = clock()
+            per_step = (now - t_steps) / step
+            fitted = min(planned, max(step + 1, step + int((max_seconds - (now - t0)) / per_step)))
+            if fitted != total:
+                log.info("backbone pretraining fitted to its time (%.1f min): %d steps of %d", max_seconds / 60,
+                         fitted, planned)
+                total = bar.total = fitted
+        lr = cfg.pretrain_lr * lr_factor(step, total, "cosine")
         for group in opt.param_groups:
             group["lr"] = lr
         pick = train[torch.randint(len(train), (bs,), generator=g)]
@@ -116,6 +143,8 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
         opt.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        step += 1
+        bar.update(1)
     bar.close()
     net.eval()
     accuracy = float("nan")
@@ -128,18 +157,18 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise RuntimeError(f"pretrained backbone does not fit: missing {missing}, unexpected {unexpected}")
     log.info("backbone pretrained on %d box crops for %d steps: held-out accuracy %.3f",
-             len(crops), cfg.pretrain_steps, accuracy)
-    return PretrainResult(accuracy, len(crops), net)
+             len(crops), step, accuracy)
+    return PretrainResult(accuracy, len(crops), net, step)
 
 
 def pretrain_part(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, progress: bool,
-                  write_record, ema=None) -> None:
+                  write_record, ema=None, max_seconds: float | None = None) -> None:
     """The run's pretraining stage (a fresh run with cfg.pretrain_steps > 0): rank 0 pretrains the
     model's backbone, every rank receives it, the EMA copy restarts from it. write_record(dict) logs
     the result (metrics.jsonl)."""
     if dist_utils.rank() == 0:
         pre = pretrain_backbone(model.backbone.body, model.cfg.backbone, train_set.dataset, cfg,
-                                model.cfg.num_classes, device, progress)
+                                model.cfg.num_classes, device, progress, max_seconds=max_seconds)
         write_record({"type": "pretrain", **pre.to_dict()})
     dist_utils.broadcast_module(model.backbone)
     if ema is not None:

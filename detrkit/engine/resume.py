@@ -41,6 +41,7 @@ class Checkpointer:
         self.run_dir, self.model, self.optimizer, self.ema = run_dir, model, optimizer, ema
         self.model_cfg, self.train_cfg, self.device = model_cfg, train_cfg, device
         self.world, self.rank = dist_utils.world_size(), dist_utils.rank()
+        self.elapsed = lambda: 0.0  # seconds of this part of the run (train() sets its time budget's)
 
     def payload(self, s: RunState) -> dict:
         rngs = dist_utils.all_gather_object(rng_state())
@@ -51,7 +52,7 @@ class Checkpointer:
             "step": s.step, "epoch": s.epoch, "batches_done": s.batches_done, "order": s.order,
             "rng": rngs, "world_size": self.world, "best_ap": s.best_ap, "metrics": s.metrics,
             "skipped_steps": s.skipped_steps, "model_cfg": self.model_cfg.to_dict(),
-            "train_cfg": self.train_cfg.to_dict(),
+            "train_cfg": self.train_cfg.to_dict(), "seconds": s.seconds + self.elapsed(),
         }
 
     def save(self, s: RunState) -> None:
@@ -74,6 +75,7 @@ class Checkpointer:
         s.order = state.get("order")
         s.best_ap, s.metrics = state.get("best_ap"), state.get("metrics") or {}
         s.skipped_steps = state.get("skipped_steps", 0)
+        s.seconds = float(state.get("seconds", 0.0))
         if self.train_cfg.fit_schedule_to_time and state.get("scheduler"):  # the schedule it was on, as a ceiling
             s.total_steps, s.drop_step = state["scheduler"]["total_steps"], state["scheduler"]["drop_step"]
         rngs = state.get("rng") or []

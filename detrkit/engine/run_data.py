@@ -17,6 +17,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data.dataset import DetectionDataset, collate
 from ..data.index import DatasetIndex
 from ..data.transforms import make_transforms
+from . import distributed as dist_utils
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,21 @@ class RunData:
 
 
 def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig, *, images_dir=None,
-                  val_images_dir=None, split=None, val_split=None, check: bool = True) -> RunData:
-    """Index (and, for annotation paths, check) both sets; build their datasets with the run's transforms."""
+                  val_images_dir=None, split=None, val_split=None, check: bool = True, val_fraction: float = 0.0,
+                  run_dir=None) -> RunData:
+    """Index (and, for annotation paths, check) both sets; build their datasets with the run's transforms.
+
+    No val_data and val_fraction > 0: the dataset's own validation split when it has one (training then
+    on its train split), else a held-out seeded fraction written to run_dir (data/split.py)."""
+    from ..data.split import automatic_split, dataset_splits, hold_out
+
+    auto_split = val_data is None and val_fraction > 0
+    if auto_split and not isinstance(train_data, DatasetIndex):
+        named = dataset_splits(train_data, split)
+        if named is not None:
+            split, val_split = named
+            val_data, val_images_dir, auto_split = train_data, images_dir, False
+            log.info("validation: the %r split of %s (training on %r)", val_split, train_data, split)
     if check:  # an index in memory was built by the caller, who can check it
         if not isinstance(train_data, DatasetIndex):
             check_or_raise(train_data, split, images_dir, cfg.skip_bad)
@@ -107,8 +121,14 @@ def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig
     train_index = as_index(train_data, images_dir, split)
     val_index = as_index(val_data, val_images_dir, val_split) if val_data is not None else None
     if not train_index.images:
-        raise ValueError(f"{train_index.source}: the training set has no images")
+        raise ValueError(f"{train_index.source}: the training set has no images (check the path"
+                         f"{' and --split' if split else ''})")
     train_index.require_boxes()
+    if auto_split:
+        if run_dir is not None and dist_utils.rank() == 0:
+            train_index, val_index = automatic_split(train_index, run_dir, val_fraction, cfg.seed)
+        else:  # the same seeded split, without writing it
+            train_index, val_index = hold_out(train_index, val_fraction, cfg.seed)
     model_cfg = model_cfg.with_classes(train_index.class_names, train_index.category_ids)
     if val_index is not None and val_index.category_ids != train_index.category_ids:
         log.warning("validation categories %s differ from training categories %s; evaluating on the "

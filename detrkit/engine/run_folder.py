@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # what a run leaves in its folder; any of them means the folder holds a run
 RUN_MARKERS = ("metrics.jsonl", "metrics.json", "last.pt", "last.prev.pt", "final", "best", "config.json",
-               "split.json")
+               "split.json", "train.lock")
 
 
 def holds_run(path: str | os.PathLike) -> bool:

@@ -39,6 +39,7 @@ class RunState:
     best_ap: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    seconds: float = 0.0  # wall time of the earlier parts of a resumed run
 
     @classmethod
     def fresh(cls, plan: Plan, cfg: TrainConfig) -> "RunState":

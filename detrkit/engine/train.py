@@ -35,8 +35,11 @@ from .feature_cache import cache_part
 from .pretrain import pretrain_part
 from .resume import Checkpointer
 from .run_data import coco_ground_truth, epoch_loader, load_run_data
+from .preflight import log_preflight
+from .run_folder import claim_run_dir, trim_metrics
 from .run_lock import RunLock
 from .run_log import RunLog
+from .run_plan import log_plan, pretrain_seconds
 from .schedule import lr_factor
 from .state import Plan, RunState
 from .step import NonFiniteLossError, TrainStep  # noqa: F401  (NonFiniteLossError: part of train's API)
@@ -101,6 +104,8 @@ def train(
     init_weights: str | os.PathLike | None = None,
     keep_class_names: bool = False,
     clock: Callable[[], float] | None = None,
+    val_fraction: float = 0.0,
+    plots: bool = True,
 ) -> TrainResult:
     """Train (or resume) a DETR run into `out_dir`.
 
@@ -112,21 +117,28 @@ def train(
     takes): the architecture comes from them, the class head is re-initialised for the dataset's classes
     (keep_class_names keeps the rows of classes with the same name).
     clock() -> seconds measures the time budget (default time.monotonic; tests pass their own).
+    val_fraction: with no val_data, use the dataset's own validation split, else hold out this seeded
+    fraction of the training images (written to RUN/split.json and RUN/val.json; 0: no validation).
+    The run folder: `out_dir`, or its first free numbered sibling when `out_dir` holds another run and
+    this is not a resume (engine/run_folder.py). plots: PR curves, confusion matrix, prediction mosaic,
+    label statistics and results.csv in the run folder at the end.
     Under torchrun (WORLD_SIZE > 1) it joins the process group and trains with DDP.
     """
     budget = TimeBudget(train_cfg.max_minutes * 60 if train_cfg.max_minutes else None, clock)
-    run_dir = Path(out_dir)
     distributed = dist_utils.init_distributed(device)
     main = dist_utils.rank() == 0
     dev = torch.device(device if not device.startswith("cuda") or not distributed
                        else f"cuda:{dist_utils.local_rank()}")
+    # a new run never writes into another run's folder: rank 0 picks it, every rank uses it
+    run_dir = Path(dist_utils.all_gather_object(str(claim_run_dir(out_dir, resume)) if main else None)[0])
     lock = RunLock.acquire(run_dir) if main else None  # one training per folder
     try:
         dist_utils.barrier()
         return _run(run_dir, dev, distributed, budget, model_cfg, train_cfg, train_data, val_data, resume=resume,
                     images_dir=images_dir, val_images_dir=val_images_dir, split=split, val_split=val_split,
                     progress=progress, step_callback=step_callback, check_data=check_data,
-                    init_weights=init_weights, keep_class_names=keep_class_names)
+                    init_weights=init_weights, keep_class_names=keep_class_names, val_fraction=val_fraction,
+                    plots=plots)
     finally:
         if lock is not None:
             lock.release()
@@ -134,12 +146,13 @@ def train(
 
 def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget, model_cfg: ModelConfig,
          train_cfg: TrainConfig, train_data, val_data, *, resume: bool, images_dir, val_images_dir, split,
-         val_split, progress: bool, step_callback, check_data: bool, init_weights, keep_class_names: bool
-         ) -> TrainResult:
+         val_split, progress: bool, step_callback, check_data: bool, init_weights, keep_class_names: bool,
+         val_fraction: float, plots: bool) -> TrainResult:
     """`train` inside the run folder's lock: assemble the parts, run the loop, finish."""
     main = dist_utils.rank() == 0
     data = load_run_data(train_data, val_data, model_cfg, train_cfg, images_dir=images_dir,
-                         val_images_dir=val_images_dir, split=split, val_split=val_split, check=check_data and main)
+                         val_images_dir=val_images_dir, split=split, val_split=val_split, check=check_data and main,
+                         val_fraction=val_fraction, run_dir=run_dir)
     model, model_cfg = _initial_model(data.model_cfg, train_cfg, dev, init_weights, keep_class_names)
     trainer = TrainStep.build(model, train_cfg, dev)
     sampler = DistributedSampler(data.train_set, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
@@ -147,18 +160,29 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
     plan = Plan.of(len(sampler), train_cfg)
     state = RunState.fresh(plan, train_cfg)
     checkpointer = Checkpointer(run_dir, model, trainer.optimizer, trainer.ema, model_cfg, train_cfg, dev)
+    checkpointer.elapsed = budget.elapsed
     resumed = resume and checkpointer.exists()
     if resumed:
         checkpointer.restore(state)
         if state.step >= state.total_steps:  # a finished run: say so, touch nothing
             return TrainResult(run_dir, "nothing_to_do", state.step, state.epoch, state.metrics, state.best_ap, 0,
                                state.skipped_steps, 0.0)
+        if main:  # the steps after the checkpoint are about to be logged again
+            trim_metrics(run_dir / "metrics.jsonl", state.step)
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
     run_log = RunLog(run_dir, progress, budget.clock)
     train_set = data.train_set
-    if not resumed and init_weights is None and train_cfg.pretrain_steps > 0:
-        pretrain_part(model, train_set, train_cfg, dev, progress, run_log.write, trainer.ema)
+    pretraining = not resumed and init_weights is None and train_cfg.pretrain_steps > 0
+    if main:
+        if not resumed:
+            log_preflight(data.train_index, model_cfg, train_cfg, state.total_steps)
+        log_plan(train_cfg, plan, state, train_images=len(data.train_index.images),
+                 val_images=len(data.val_index.images) if data.val_index is not None else None,
+                 pretraining=pretraining, resumed=resumed)
+    if pretraining:
+        pretrain_part(model, train_set, train_cfg, dev, progress, run_log.write, trainer.ema,
+                      max_seconds=pretrain_seconds(train_cfg))
     if train_cfg.cache_views > 0:
         train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress)
     trainer.cached_features = train_cfg.cache_views > 0
@@ -171,7 +195,12 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
     run = _Run(train_cfg, plan, sampler, train_set, trainer, validator, checkpointer, run_log, budget,
                ScheduleFitter(budget, state, train_cfg.warmup_steps, dev) if fit else None, step_callback, dev)
     status = _train_loop(run, state)
-    return _finish(run, state, status, model_cfg)
+    result = _finish(run, state, status, model_cfg)
+    if main and plots and status != "interrupted":
+        from ..viz.plots import write_run_plots
+
+        write_run_plots(run_dir, validator.last_evaluator, model_cfg, data.train_index)
+    return result
 
 
 def _initial_model(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, init_weights,
@@ -202,7 +231,10 @@ def _train_loop(run: _Run, state: RunState) -> str:
                 if state.batches_done >= run.plan.batches_per_epoch:  # the epoch ran to its end
                     state.end_epoch()
                     if status is None:
-                        _end_of_epoch(run, state)
+                        _end_of_epoch(run, state, stop)
+                        # a signal during the evaluation: save the training state now, not a step later
+                        if dist_utils.all_reduce_max([float(stop.signum is not None)], run.device)[0] > 0:
+                            status = "interrupted"
                 if status == "interrupted":
                     run.checkpointer.save(state)
     finally:
@@ -263,9 +295,9 @@ def _optimizer_step(run: _Run, state: RunState, stop: StopFlag) -> str | None:
     return "max_steps" if run.fitter is None or state.step == cfg.max_steps else "max_minutes"
 
 
-def _end_of_epoch(run: _Run, state: RunState) -> None:
+def _end_of_epoch(run: _Run, state: RunState, stop: StopFlag) -> None:
     if run.validator.due(state.epoch):
-        run.validator.run(run.eval_model, state)
+        run.validator.run(run.eval_model, state, should_stop=lambda: stop.signum is not None)
         if run.fitter is not None:
             _fit_schedule(run, state)
     if run.cfg.checkpoint_every_epochs and state.epoch % run.cfg.checkpoint_every_epochs == 0:
@@ -283,14 +315,16 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
     main = dist_utils.rank() == 0
     if status != "interrupted":
         if run.validator.val_set is not None and run.validator.evaluated_at != state.step:
-            run.validator.run(run.eval_model, state)
+            with StopFlag() as stop:  # a signal during the last evaluation: keep the trained state
+                run.validator.run(run.eval_model, state, should_stop=lambda: stop.signum is not None)
+                if dist_utils.all_reduce_max([float(stop.signum is not None)], run.device)[0] > 0:
+                    status = "interrupted"
         run.checkpointer.save(state)
-        if main:
+        if main and status != "interrupted":
+            # best/ is written by a validation only: without one, final/ is what there is
             save_native(run.eval_model.state_dict(), model_cfg, run.checkpointer.run_dir / "final")
-            if state.best_ap is None:  # no evaluation: the final weights are the best we know
-                save_native(run.eval_model.state_dict(), model_cfg, run.checkpointer.run_dir / "best")
     bad_total = run.run_log.bad_total()
-    seconds = run.budget.elapsed()
+    seconds = state.seconds + run.budget.elapsed()  # the earlier parts of a resumed run included
     result = TrainResult(run.checkpointer.run_dir, status, state.step, state.epoch, state.metrics, state.best_ap,
                          bad_total, state.skipped_steps, seconds)
     summary = {"status": status, "step": state.step, "epoch": state.epoch, "best_AP": state.best_ap,

@@ -2,6 +2,7 @@
 weights of the best AP so far."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -11,9 +12,11 @@ from torch import nn
 from ..config import ModelConfig, TrainConfig
 from ..weights.native import save_native
 from . import distributed as dist_utils
-from .evaluate import evaluate
+from .evaluate import EvaluationInterrupted, evaluate
 from .run_log import RunLog
 from .state import RunState
+
+log = logging.getLogger(__name__)
 
 
 class Validator:
@@ -27,19 +30,29 @@ class Validator:
         self.model_cfg, self.train_cfg, self.device = model_cfg, train_cfg, device
         self.run_dir, self.run_log, self.progress, self.clock = run_dir, run_log, progress, clock
         self.evaluated_at: int | None = None
+        self.last_evaluator = None  # the CocoEvaluator of the last evaluation (for the plots)
         self.seconds = 0.0
 
     def due(self, epoch: int) -> bool:
         """After epoch `epoch` (1-based count of epochs done)."""
         return self.val_set is not None and epoch % max(1, self.train_cfg.eval_every_epochs) == 0
 
-    def run(self, model: nn.Module, state: RunState) -> dict[str, float]:
+    def run(self, model: nn.Module, state: RunState, should_stop=None) -> dict[str, float]:
+        """should_stop() -> bool: asked after each batch; yes ends the evaluation without a result."""
         t0 = self.clock()
         if dist_utils.rank() == 0 and self.val_set is not None:
-            metrics = evaluate(model, self.val_set, self.model_cfg.category_ids, self.coco_gt,
-                               batch_size=max(1, self.train_cfg.batch_size), device=self.device,
-                               amp=self.train_cfg.amp, num_workers=self.train_cfg.num_workers,
-                               progress=self.progress)
+            holder: list = []
+            try:
+                # float32, as `detrkit eval` scores by default: best_AP and a later eval of best/ agree
+                metrics = evaluate(model, self.val_set, self.model_cfg.category_ids, self.coco_gt,
+                                   batch_size=max(1, self.train_cfg.batch_size), device=self.device,
+                                   amp="none", num_workers=self.train_cfg.num_workers,
+                                   progress=self.progress, should_stop=should_stop, evaluator_out=holder)
+            except EvaluationInterrupted:
+                log.warning("evaluation interrupted by a signal; the run saves its training state")
+                self.seconds = self.clock() - t0
+                return state.metrics
+            self.last_evaluator = holder[0] if holder else None
             metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.run_log.evaluation(metrics, state)
             ap = metrics.get("AP")

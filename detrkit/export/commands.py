@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..argtypes import positive_int
+from ..device import WEIGHTS_HELP
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
@@ -36,14 +37,14 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="export_format", required=True)
 
     o = sub.add_parser("onnx", help="ONNX graph with dynamic batch/height/width and the padding mask as input")
-    o.add_argument("--weights", required=True, help="native dir/.safetensors, authors' .pth, HF dir or a published name")
+    o.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     o.add_argument("--out", required=True, help="output .onnx file")
-    o.add_argument("--opset", type=positive_int, default=17)
+    o.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
     o.add_argument("--verify", action="store_true",
                    help="compare ONNX Runtime with PyTorch float32 at batch 1 and 3 (mixed sizes)")
     o.set_defaults(func=_cmd_onnx)
 
     h = sub.add_parser("hf", help="config.json + model.safetensors for transformers' DetrForObjectDetection")
-    h.add_argument("--weights", required=True)
+    h.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     h.add_argument("--out", required=True, help="output directory")
     h.set_defaults(func=_cmd_hf)

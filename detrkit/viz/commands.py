@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ..argtypes import positive_int, probability
-from ..device import add_device_argument
+from ..device import WEIGHTS_HELP, add_device_argument
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ def _image_figure_parser(sub, name: str, help_text: str, weights_help: str, exam
     p.add_argument("--weights", required=True, help=weights_help)
     p.add_argument("--out", required=True, help=f"figure file, e.g. {example}")
     p.add_argument("--threshold", type=probability, default=threshold, help="detections scoring above this are shown")
-    p.add_argument("--max-detections", type=positive_int, default=6)
+    p.add_argument("--max-detections", type=positive_int, default=6, help="detections shown, most confident first")
     add_device_argument(p)
-    p.add_argument("--dpi", type=positive_int, default=dpi)
+    p.add_argument("--dpi", type=positive_int, default=dpi, help="figure resolution")
     return p
 
 
@@ -104,7 +104,7 @@ def register(subparsers) -> None:
     q = sub.add_parser("queries", help="box centres predicted by each query slot over a dataset (paper Fig. 7)",
                        description="Writes FIG.png, FIG.json (the numbers), FIG_usage.png and FIG_usage.json "
                                    "(how often each slot fires, per class).")
-    q.add_argument("--weights", required=True, help="model weights (as for predict)")
+    q.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     q.add_argument("--data", required=True, help="dataset (COCO JSON / folder, YOLO, VOC) or a folder of images")
     q.add_argument("--images", help="COCO image folder when not beside the JSON")
     q.add_argument("--split", help="dataset split (e.g. val2017)")
@@ -118,7 +118,7 @@ def register(subparsers) -> None:
     q.add_argument("--min-score", type=probability, default=None,
                    help="plot only boxes scoring above this (default: every image's box, as in the paper)")
     q.add_argument("--max-images", type=positive_int, default=None, help="use at most N images")
-    q.add_argument("--batch-size", type=positive_int, default=4)
+    q.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass")
     add_device_argument(q)
     q.set_defaults(func=run_queries)
 
@@ -136,5 +136,5 @@ def register(subparsers) -> None:
     c.add_argument("run_dir", help="a run folder holding metrics.jsonl (or the file itself)")
     c.add_argument("--out", required=True, help="figure file, e.g. curves.png")
     c.add_argument("--title", help="figure title (default: the run folder's name)")
-    c.add_argument("--dpi", type=positive_int, default=130)
+    c.add_argument("--dpi", type=positive_int, default=130, help="figure resolution")
     c.set_defaults(func=run_curves)

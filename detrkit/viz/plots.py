@@ -81,7 +81,7 @@ def plot_pr_curves(coco_eval, class_names: dict[int, str], iou: float = 0.5, max
     if curves:
         handles, labels = ax.get_legend_handles_labels()
         order = [len(labels) - 1] + list(range(len(labels) - 1))[::-1]  # mean first, then best class first
-        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="lower left",
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper right",
                   framealpha=0.85)
     fig.tight_layout()
     return fig
@@ -171,7 +171,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], normal
                 if matrix[i, j]:
                     ax.text(j, i, f"{shown[i, j]:.2f}" if normalize else f"{int(matrix[i, j])}", ha="center",
                             va="center", fontsize=7, color="white" if shown[i, j] > 0.6 * top else "black")
-    ax.set_title(title or "Confusion matrix (last row: false detections; last column: missed objects)",
+    ax.set_title(title or "Confusion matrix\n(last row: false detections; last column: missed objects)",
                  fontsize=9)
     fig.tight_layout()
     return fig
@@ -397,7 +397,7 @@ def write_eval_plots(evaluator, out_dir: str | Path, class_names: Sequence[str],
     gts, dts = coco_to_arrays(gt, evaluator.results, category_ids, image_ids)
     matrix = confusion_matrix(gts, dts, len(class_names), score_threshold=score_threshold)
     fig = plot_confusion_matrix(matrix, class_names,
-                                title=f"Confusion matrix, score >= {score_threshold:g}, IoU >= 0.5 "
+                                title=f"Confusion matrix, score >= {score_threshold:g}, IoU >= 0.5\n"
                                       "(last row: false detections; last column: missed objects)")
     fig.savefig(out / "confusion_matrix.png")
     written.append(out / "confusion_matrix.png")
@@ -427,4 +427,32 @@ def write_eval_plots(evaluator, out_dir: str | Path, class_names: Sequence[str],
         fig = plot_label_statistics(label_statistics(index))
         fig.savefig(out / "labels.png")
         written.append(out / "labels.png")
+    return written
+
+
+def write_run_plots(run_dir: str | Path, evaluator, model_cfg, train_index=None) -> list[Path]:
+    """What a training run leaves at its end: results.csv (one row per evaluation of metrics.jsonl), the
+    plots of its last evaluation (`write_eval_plots`, when it had one) and the label statistics of its
+    training set (labels.png). A plot that fails is logged and skipped: it never fails a finished run."""
+    run_dir = Path(run_dir)
+    written: list[Path] = []
+    jobs = []
+    if (run_dir / "metrics.jsonl").exists():
+        jobs.append(("results.csv", lambda: [write_results_csv(run_dir / "metrics.jsonl", run_dir / "results.csv")]))
+    if evaluator is not None:
+        jobs.append(("evaluation plots", lambda: write_eval_plots(evaluator, run_dir, model_cfg.class_names,
+                                                                  model_cfg.category_ids)))
+    if train_index is not None:
+        def labels():
+            fig = plot_label_statistics(label_statistics(train_index))
+            fig.savefig(run_dir / "labels.png")
+            return [run_dir / "labels.png"]
+        jobs.append(("labels.png", labels))
+    for name, job in jobs:
+        try:
+            written += job()
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
+            log.warning("could not write %s in %s: %s", name, run_dir, e)
+    if written:
+        log.info("plots: %s", ", ".join(p.name for p in written))
     return written

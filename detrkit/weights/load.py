@@ -2,6 +2,7 @@
 `detrkit eval`, fine-tuning and the main job. Never unpickles code."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,35 +14,63 @@ from . import authors, huggingface, hub, native
 from .errors import CheckpointError
 
 RUN_CHECKPOINT = "last.pt"
+RUN_WEIGHTS = ("best", "final")  # a run folder's weights, in the order --weights RUN_DIR prefers them
+_KIND_TEXT = {"published": "the authors' published checkpoint", "native": "detrkit weights",
+              "huggingface": "Hugging Face DETR folder", "checkpoint": "training checkpoint",
+              "authors": "the authors' checkpoint format"}
+
+log = logging.getLogger(__name__)
 
 
-def load_weights(source: str | os.PathLike, dilation: bool | None = None) -> tuple[dict[str, Tensor], ModelConfig]:
-    """source: a published name (downloaded once), a native folder / .safetensors, a Hugging Face DETR
-    folder, an authors' .pth, a training checkpoint (.pt: its EMA weights when it has them), or a run
-    folder holding only last.pt. dilation: for authors' files, whether the backbone is DC5 (None: from
-    the published name, else no)."""
+def resolve_weights(source: str | os.PathLike) -> tuple[str, str | Path]:
+    """What `source` names -> (kind, the name or file to read). kind: "published", "native", "huggingface",
+    "checkpoint" (a training checkpoint .pt) or "authors". A run folder means its best/ (the best
+    validation AP), else final/, else last.pt."""
     if isinstance(source, str) and source in hub.PUBLISHED and not Path(source).exists():
-        if dilation is None:
-            dilation = "dc5" in source
-        return authors.load_authors(hub.published_path(source), dilation=dilation)
+        return "published", source
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or directory, and not a published model name "
+        raise FileNotFoundError(f"{source}: no such file or folder, and not a published model name "
                                 f"({', '.join(sorted(hub.PUBLISHED))})")
     if path.is_dir():
         if native.is_native(path):
-            return native.load_native(path)
+            return "native", path
         if huggingface.is_huggingface_dir(path):
-            return huggingface.load_huggingface(path)
+            return "huggingface", path
+        for name in RUN_WEIGHTS:  # a run folder
+            if native.is_native(path / name):
+                return "native", path / name
         if (path / RUN_CHECKPOINT).exists():
-            return _load_run_checkpoint(path / RUN_CHECKPOINT)
-        raise CheckpointError(f"{path}: neither a detrkit directory (model.safetensors + config.json), a run "
-                              "folder (last.pt) nor a Hugging Face DETR directory (config.json with model_type 'detr')")
+            return "checkpoint", path / RUN_CHECKPOINT
+        raise CheckpointError(f"{path}: neither a run folder (best/, final/ or last.pt), a detrkit weights folder "
+                              "(model.safetensors + config.json) nor a Hugging Face DETR folder (config.json with "
+                              "model_type 'detr')")
     if path.suffix == ".safetensors":
-        return native.load_native(path)
+        # the weights file of a native folder: its config is the config.json beside it
+        return "native", path.parent if native.is_native(path.parent) and path.name == native.WEIGHTS_NAME else path
     if path.suffix == ".pt":
-        return _load_run_checkpoint(path)
-    return authors.load_authors(path, dilation=dilation)
+        return "checkpoint", path
+    return "authors", path
+
+
+def load_weights(source: str | os.PathLike, dilation: bool | None = None) -> tuple[dict[str, Tensor], ModelConfig]:
+    """source: a published name (downloaded once), a run folder (its best/, else final/, else last.pt), a
+    native folder / .safetensors, a Hugging Face DETR folder, an authors' .pth, or a training checkpoint
+    (.pt: its EMA weights when it has them). The log says which file was read. dilation: for authors'
+    files, whether the backbone is DC5 (None: from the published name, else no)."""
+    kind, what = resolve_weights(source)
+    if kind == "published":
+        if dilation is None:
+            dilation = "dc5" in str(what)
+        what = hub.published_path(str(what))
+    log.info("weights: %s (%s)", what, _KIND_TEXT[kind])
+    if kind in ("native",):
+        return native.load_native(what)
+    if kind == "huggingface":
+        return huggingface.load_huggingface(what)
+    if kind == "checkpoint":
+        return _load_run_checkpoint(Path(what))
+    return authors.load_authors(Path(what), dilation=dilation)
 
 
 def _load_run_checkpoint(path: Path) -> tuple[dict[str, Tensor], ModelConfig]:

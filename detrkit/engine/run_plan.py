@@ -1,0 +1,59 @@
+"""What a run will do, said before it starts: its phases, their steps and their share of the time.
+
+The time budget (--max-minutes) counts from the start of `train` and covers every phase: the data
+check, the backbone pretraining (at most `PRETRAIN_SHARE` of the budget, its step count fitted to that),
+the feature cache, the DETR steps (their schedule fitted to what is left when fit_schedule_to_time is
+on, else cut when the time is up) and the evaluations (the last one's duration is kept in reserve).
+`--max-steps` counts DETR optimizer steps and also caps the pretraining steps.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..config import TrainConfig
+from .state import Plan, RunState
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_SHARE = 0.2
+
+
+def pretrain_seconds(cfg: TrainConfig) -> float | None:
+    """The most the backbone pretraining may take under --max-minutes (None: no limit)."""
+    return cfg.max_minutes * 60 * PRETRAIN_SHARE if cfg.max_minutes else None
+
+
+def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: int, val_images: int | None,
+               pretraining: bool, resumed: bool) -> list[str]:
+    """The run's plan as lines of text (logged by `train` before the first phase)."""
+    from .pretrain import pretrain_steps_for
+
+    budget = cfg.max_minutes
+    lines = [f"plan: {train_images} training images, {val_images or 0} validation images; time budget "
+             + (f"{budget:g} min for everything below" if budget else "none (epochs / --max-steps end the run)")]
+    n = 1
+    if pretraining:
+        share = f", at most {budget * PRETRAIN_SHARE:.1f} min" if budget else ""
+        lines.append(f"  {n}. backbone pretraining on box crops: {pretrain_steps_for(cfg)} steps{share}")
+        n += 1
+    if cfg.cache_views > 0:
+        lines.append(f"  {n}. backbone features cached: {cfg.cache_views} view(s) x {train_images} images")
+        n += 1
+    left = state.total_steps - state.step
+    epochs = f"{cfg.epochs} epochs of {plan.steps_per_epoch} steps"
+    cap = f", --max-steps {cfg.max_steps}" if cfg.max_steps is not None else ""
+    fit = (" (the schedule is fitted to the time left after the steps above)"
+           if budget and cfg.fit_schedule_to_time else " (cut when the time is up)" if budget else "")
+    lines.append(f"  {n}. DETR training: {left} steps{' more' if resumed else ''}, batch {cfg.batch_size} "
+                 f"({epochs}{cap}){fit}")
+    n += 1
+    if val_images:
+        every = max(1, cfg.eval_every_epochs)
+        lines.append(f"  {n}. COCO evaluation on {val_images} images every {every} epoch(s) and at the end; "
+                     "best/ keeps the best AP")
+    return lines
+
+
+def log_plan(*args, **kwargs) -> None:
+    for line in plan_lines(*args, **kwargs):
+        log.info("%s", line)
