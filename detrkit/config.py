@@ -113,6 +113,14 @@ class TrainConfig(_DictIO):
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1
+    # convergence switches, training-only (engine/convergence.py): the trained model has the paper's
+    # state-dict keys and inference graph. Off in the paper presets.
+    dn_groups: int = 0  # denoising query groups (DN-DETR): noised ground truth as extra decoder queries
+    dn_box_noise: float = 0.4  # box noise: centre moved by up to this x half the size, size scaled by 1 +- this
+    dn_label_noise: float = 0.2  # share of denoising queries given a random class
+    dn_loss_coef: float = 1.0  # weight of the denoising losses (ce, L1, GIoU with the usual weights) in the total
+    query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
+    iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")
     # data
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
@@ -120,9 +128,13 @@ class TrainConfig(_DictIO):
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     hflip: bool = True
     num_workers: int = 2
+    # backbone start (weights/imagenet.py): "imagenet" (torchvision's ImageNet weights, the paper's
+    # start), "none", or a path to a ResNet state dict
+    backbone_weights: str = "none"
     # backbone start when no pretrained weights can be had (engine/pretrain.py): classify the training
     # set's box crops for this many steps first (0: off, the backbone starts from random weights)
     pretrain_steps: int = 0
+    pretrain_background: bool = True  # crops of background as one more class (one-class data still teaches)
     pretrain_lr: float = 1e-3
     pretrain_batch_size: int = 64
     pretrain_crop_size: int = 64
@@ -146,7 +158,9 @@ class Preset:
 
 
 def _paper(backbone: str, dilation: bool) -> Preset:
-    return Preset(ModelConfig(backbone=backbone, dilation=dilation), TrainConfig(), "as published")
+    # the authors' start: torchvision's ImageNet weights
+    return Preset(ModelConfig(backbone=backbone, dilation=dilation), TrainConfig(backbone_weights="imagenet"),
+                  "as published")
 
 
 PRESETS: dict[str, Preset] = {
