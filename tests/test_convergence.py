@@ -51,15 +51,13 @@ def test_switches_off_is_the_model_forward(queries_at):
 
 
 def test_mask_layout():
-    valid = torch.tensor([[True, True, True, True], [True, False, True, False]])  # 2 dn groups of 2
-    m = self_attention_mask(2, num_queries=3, groups=2, dn_groups=2, dn_valid=valid)
-    assert m.shape == (2, 10, 10)
-    assert not m[:, :3, :3].any() and m[:, :3, 3:].all()  # group 0 sees only itself
-    assert not m[:, 3:6, 3:6].any() and m[:, 3:6, :3].all() and m[:, 3:6, 6:].all()
-    assert not m[:, 6:, :3].any() and m[:, 6:, 3:6].all()  # denoising sees group 0, never group 1
-    assert not m[0, 6:8, 6:8].any() and m[0, 6:8, 8:].all()  # its own dn group only
-    assert m[1, 6:, 7].all() and m[1, 6:, 9].all()  # padding denoising queries are never seen
-    assert not (m.all(-1)).any()  # every query sees something
+    m = self_attention_mask(num_queries=3, groups=2, dn_groups=2, dn_width=2)  # 2 x 3 matching, 2 x 2 denoising
+    assert m.shape == (10, 10)
+    assert not m[:3, :3].any() and m[:3, 3:].all()  # group 0 sees only itself
+    assert not m[3:6, 3:6].any() and m[3:6, :3].all() and m[3:6, 6:].all()
+    assert not m[6:, :3].any() and m[6:, 3:6].all()  # denoising sees group 0, never group 1
+    assert not m[6:8, 6:8].any() and m[6:8, 8:].all() and m[8:, 6:8].all()  # its own dn group only
+    assert not m.all(-1).any()  # every query sees something
 
 
 @pytest.mark.parametrize("queries_at", ["attention", "input"])

@@ -106,32 +106,21 @@ class TrainingQueries(nn.Module):
                 valid.flatten(1, 2))
 
 
-def _mask(batch: int, num_queries: int, groups: int, dn_groups: int, dn_valid: Tensor | None) -> Tensor:
-    q, k = num_queries, groups
-    d = 0 if dn_valid is None else dn_valid.shape[1]
-    length = q * k + d
-    device = dn_valid.device if dn_valid is not None else None
-    group_of = torch.arange(q * k, device=device) // q
-    mask = torch.ones(batch, length, length, dtype=torch.bool, device=device)
-    mask[:, : q * k, : q * k] = group_of[:, None] != group_of[None, :]
-    if d:
-        width = d // dn_groups
-        dn_group = torch.arange(d, device=device) // width
-        same = dn_group[:, None] == dn_group[None, :]  # [D,D]
-        mask[:, q * k:, q * k:] = ~(same[None] & dn_valid[:, None, :])
-        mask[:, q * k:, :q] = False  # denoising queries may look at group 0's matching queries
+def self_attention_mask(num_queries: int, groups: int, dn_groups: int = 0, dn_width: int = 0,
+                        device: torch.device | None = None) -> Tensor:
+    """Self-attention mask [L,L] (True = blocked) over the decoder's queries, in the order
+    [group 0 | ... | group K-1 | denoising part: dn_groups groups of dn_width], L = Q*K + dn_groups*dn_width.
+
+    Matching queries see only their own group; a denoising query sees its own denoising group and
+    group 0's matching queries, never another denoising group: no matching query can read the ground
+    truth, and no denoising group can copy another's answer. (Padding slots of images with fewer
+    targets stay visible inside their group, as in DN-DETR; their outputs are not trained.)"""
+    qk, d = num_queries * groups, dn_groups * dn_width
+    group_of = torch.cat([torch.arange(qk, device=device) // num_queries,
+                          groups + torch.arange(d, device=device) // max(1, dn_width)])
+    mask = group_of[:, None] != group_of[None, :]
+    mask[qk:, :num_queries] = False  # denoising queries may look at group 0's matching queries
     return mask
-
-
-def self_attention_mask(batch: int, num_queries: int, groups: int, dn_groups: int = 0,
-                        dn_valid: Tensor | None = None) -> Tensor:
-    """Self-attention mask [B,L,L] (True = blocked) over the decoder's queries, in the order
-    [group 0 | ... | group K-1 | denoising part (dn_groups groups of D/dn_groups)], L = Q*K + D.
-
-    Matching queries see only their own group; a denoising query sees the real (dn_valid [B,D]) queries
-    of its own denoising group and group 0's matching queries, never another denoising group, so no
-    matching query can read the ground truth and no denoising group can copy another."""
-    return _mask(batch, num_queries, groups, dn_groups, dn_valid)
 
 
 def training_forward(model: nn.Module, extra: TrainingQueries | None, images: Tensor | Sequence[Tensor],
@@ -177,8 +166,9 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None, images: Te
         dn = {"labels": labels, "boxes": boxes, "valid": valid}
     attn_mask = None
     if groups > 1 or dn is not None:
-        attn_mask = self_attention_mask(b, model.cfg.num_queries, groups, extra.dn_groups if dn else 0,
-                                        dn["valid"] if dn else None).to(src.device)
+        dn_groups = extra.dn_groups if dn else 0
+        attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups,
+                                        dn["valid"].shape[1] // dn_groups if dn else 0, src.device)
     hs, _ = transformer.decoder(tgt, memory, pos, None if at_input else query_pos, key_mask,
                                 self_attn_mask=attn_mask)
     logits = model.class_embed(hs)  # [L,B,K*Q+D,C+1]

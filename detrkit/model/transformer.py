@@ -18,8 +18,8 @@ EXPLICIT_MAX_KEYS = 2048  # longer sequences keep the fused kernel (its memory s
 class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameters, batch-first, fused kernel.
 
-    query [B,Lq,d], key [B,Lk,d], value [B,Lk,d], key_padding_mask [B,Lk] (True = ignore), attn_mask
-    [B,Lq,Lk] (True = query may not see key; training-only query groups)
+    query [B,Lq,d], key [B,Lk,d], value [B,Lk,d], key_padding_mask [B,Lk] (True = ignore),
+    attn_mask [Lq,Lk] bool (True = query i ignores key j)
     -> (output [B,Lq,d], weights [B,heads,Lq,Lk] or None). Weights are exactly 0 on ignored keys.
     """
 
@@ -50,7 +50,7 @@ class MultiheadAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         if attn_mask is not None:
-            keep = ~attn_mask[:, None] if keep is None else keep & ~attn_mask[:, None]
+            keep = ~attn_mask if keep is None else keep & ~attn_mask
         weights = None
         # On CPU the fused kernel's backward is several times slower than plain matmuls for DETR's
         # short sequences (3x at 30 tokens, batch 16, bf16); training there takes the explicit path.
@@ -116,8 +116,7 @@ class DecoderLayer(nn.Module):
                 memory_key_padding_mask: Tensor | None, need_weights: bool = False,
                 self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """tgt, query_pos [B,Q,d] (None: queries were given at the input); memory, pos [B,N,d];
-        self_attn_mask [B,Q,Q] (True = blocked; training-only query groups, engine/convergence.py)
-        -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
+        self_attn_mask [Q,Q] (True: query i ignores query j) -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
         mem_k = memory + pos
 
         if self.pre_norm:
