@@ -1,7 +1,12 @@
-"""Model outputs -> detections in original-image pixels (reference section 7)."""
+"""Model outputs -> detections in original-image pixels, and detections -> COCO result records.
+
+The one place logits become detections: `Detector`, evaluation, the visualisations and `bench` all
+use it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -23,25 +28,22 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
-    def to_coco(self, image_id: int) -> list[dict]:
-        """COCO result records (bbox xywh pixels)."""
-        xywh = box_convert(self.boxes, "xyxy", "xywh").tolist()
-        return [
-            {"image_id": image_id, "category_id": int(c), "bbox": [round(v, 3) for v in b], "score": float(s)}
-            for b, c, s in zip(xywh, self.category_ids, self.scores.tolist())
-        ]
+
+def class_scores(pred_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """pred_logits [...,Q,C+1] -> (score [...,Q], label [...,Q]) of each query's best class: softmax over
+    all classes, "no object" (the last column) dropped."""
+    return pred_logits.float().softmax(-1)[..., :-1].max(-1)
 
 
 def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | list,
                 threshold: float | None = None, top_k: int | None = None) -> list[dict[str, Tensor]]:
     """pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1], orig_sizes [B,2] (h, w)
-    -> per image {scores [K], labels [K], boxes [K,4] xyxy pixels}, sorted by score.
+    -> per image {scores [K], labels [K], boxes [K,4] xyxy pixels, queries [K] (query indices)},
+    sorted by score.
 
-    Softmax over all classes, drop "no object", keep each query's best class. Without a threshold or
-    top_k all Q predictions are kept (what COCO evaluation wants).
+    Without a threshold or top_k all Q predictions are kept (what COCO evaluation wants).
     """
-    prob = pred_logits.float().softmax(-1)[..., :-1]
-    scores, labels = prob.max(-1)
+    scores, labels = class_scores(pred_logits)
     sizes = torch.as_tensor(orig_sizes, dtype=torch.float32, device=pred_boxes.device).reshape(-1, 2)
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # w h w h
     boxes = box_convert(pred_boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]
@@ -52,5 +54,13 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | li
             order = order[s[order] > threshold]
         if top_k is not None:
             order = order[:top_k]
-        results.append({"scores": s[order], "labels": lab[order], "boxes": b[order]})
+        results.append({"scores": s[order], "labels": lab[order], "boxes": b[order], "queries": order})
     return results
+
+
+def coco_records(image_id: int, boxes: Tensor, category_ids: Sequence[int], scores: Tensor) -> list[dict]:
+    """COCO result records of one image: boxes [K,4] xyxy pixels -> bbox [x, y, w, h], with the
+    dataset's category ids [K] and scores [K]. The one writer: `eval` and `predict` give the same."""
+    xywh = box_convert(boxes.float(), "xyxy", "xywh").tolist()
+    return [{"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": s}
+            for b, c, s in zip(xywh, category_ids, scores.tolist())]

@@ -17,7 +17,6 @@ Heuristics, stated:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -32,7 +31,8 @@ from tqdm import tqdm
 from detrkit.data.formats import detect_format, load_annotations
 from detrkit.data.images import ImageError, image_size, load_image
 from detrkit.data.index import DatasetIndex, Problem
-from detrkit.data.yolo import IMAGE_SUFFIXES, label_path_for
+from detrkit.data.images import IMAGE_SUFFIXES
+from detrkit.data.yolo import label_path_for
 
 log = logging.getLogger(__name__)
 
@@ -309,23 +309,3 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
             report.add(p)
     log.info("checked %s: %d errors, %d warnings", report.source, len(report.errors), len(report.warnings))
     return report
-
-
-# ---- CLI: `detrkit data check` ----------------------------------------------------------------
-
-def add_check_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="check a dataset (COCO / YOLO / Pascal VOC) for problems",
-                              description="Check annotations and images; exit status 1 when errors are found.")
-    p.add_argument("path", help="COCO .json, YOLO data.yaml or folder, or Pascal VOC folder")
-    p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
-    p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
-    p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
-    p.add_argument("--max-problems", type=int, default=20, help="list at most this many errors and warnings each")
-    p.set_defaults(func=check_command)
-    return p
-
-
-def check_command(args: argparse.Namespace) -> int:
-    report = check_dataset(args.path, split=args.split, images_dir=args.images, decode_images=not args.no_decode)
-    print(report.format(max_problems=args.max_problems))
-    return 0 if report.ok else 1

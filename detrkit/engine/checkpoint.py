@@ -10,52 +10,19 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import write_atomic
+from ..weights.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DETRKIT-CKPT 1 "
 LAST = "last.pt"
 PREV = "last.prev.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or corrupted."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, payload: bytes, keep_previous: str | Path | None = None) -> None:
-    """Write bytes to `path` so that readers only ever see the old or the new complete file.
-
-    keep_previous: if given and `path` exists, the old file is moved there first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: str | Path | None = None) -> None:

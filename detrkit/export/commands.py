@@ -2,41 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
-import torch
-
-logger = logging.getLogger(__name__)
-
-
-def _load_model(weights: str):
-    from ..detector import Detector
-
-    return Detector.from_pretrained(weights).model.eval()
-
-
-def verify_onnx(model: torch.nn.Module, path: str, sizes=((3, 480, 640), (3, 400, 520), (3, 352, 600))) -> float:
-    """Largest |ONNX Runtime - PyTorch float32| over the outputs at batch 1 and a mixed-size batch of 3."""
-    from ..model.detr import pad_images
-    from .onnx import OnnxDETR
-
-    session = OnnxDETR(path)
-    gen = torch.Generator().manual_seed(0)
-    worst = 0.0
-    for batch in ([sizes[0]], list(sizes)):
-        images, mask = pad_images([torch.randn(*s, generator=gen) for s in batch])
-        with torch.no_grad():
-            ref = model(images, mask)
-        got = session(images, mask)
-        for key in ("pred_logits", "pred_boxes"):
-            worst = max(worst, (got[key] - ref[key]).abs().max().item())
-    return worst
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
-    from .onnx import export_onnx
+    from ..weights.load import load_model
+    from .onnx import export_onnx, verify_onnx
 
-    model = _load_model(args.weights)
+    model, _ = load_model(args.weights)
     path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {path}: inputs images [B,3,H,W] float32, mask [B,H,W] bool (True = padding); "
           f"outputs pred_logits, pred_boxes")

@@ -1,4 +1,4 @@
-"""The DETR encoder-decoder transformer, batch-first (reference section 4).
+"""The DETR encoder-decoder transformer, batch-first.
 
 Parameter names and layouts follow the released checkpoints (packed q/k/v ``in_proj_weight``), so
 the authors' weights load without reshaping. Attention runs through
@@ -166,8 +166,11 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """forward(src [B,N,d], mask [B,N], query_embed [Q,d], pos [B,N,d])
-    -> hs [L,B,Q,d] (every decoder layer, after the shared norm), memory [B,N,d], attention dict.
+    """The encoder and the decoder.
+
+    encode(src [B,N,d], pos [B,N,d], key_mask [B,N] | None) -> (memory [B,N,d], weights [Le,B,heads,N,N] | None)
+    decode(memory, pos, key_mask, queries [B,Q,d], self_attn_mask [Q,Q] | None)
+      -> (hs [L,B,Q,d] every decoder layer after the shared norm, cross weights [L,B,heads,Q,N] | None)
 
     queries_at: "attention" (released DETR: the decoder starts from zeros and the object queries are
     added to queries and keys in every attention) or "input" (the paper's Table 3 variant: the object
@@ -190,17 +193,16 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor,
-                need_weights: bool = False):
-        b = src.shape[0]
-        query_pos = query_embed[None].expand(b, -1, -1)
-        memory, enc_w = self.encoder(src, pos, mask, need_weights)
+    def encode(self, src: Tensor, pos: Tensor, key_mask: Tensor | None,
+               need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        memory, weights = self.encoder(src, pos, key_mask, need_weights)
+        return memory, torch.stack(weights) if need_weights else None
+
+    def decode(self, memory: Tensor, pos: Tensor, key_mask: Tensor | None, queries: Tensor,
+               self_attn_mask: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.queries_at == "input":
-            tgt, query_pos = query_pos, None
+            tgt, query_pos = queries, None
         else:
-            tgt = torch.zeros_like(query_pos)
-        hs, dec_w = self.decoder(tgt, memory, pos, query_pos, mask, need_weights)
-        attention = {}
-        if need_weights:
-            attention = {"encoder": torch.stack(enc_w), "decoder_cross": torch.stack(dec_w)}
-        return hs, memory, attention
+            tgt, query_pos = torch.zeros_like(queries), queries
+        hs, weights = self.decoder(tgt, memory, pos, query_pos, key_mask, need_weights, self_attn_mask)
+        return hs, torch.stack(weights) if need_weights else None

@@ -5,6 +5,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..device import add_device_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -18,29 +20,12 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _dataset_images(data: str, images_dir: str | None, split: str | None) -> list[Path]:
-    """Image files of a dataset (any supported format), or of a plain folder of images."""
-    from ..data.formats import detect_format, load_annotations
-    from ..predict_command import find_images
-
-    path = Path(data)
-    try:
-        detect_format(path)
-    except ValueError:
-        if path.is_dir():  # no annotations: just the images of the folder
-            files, problems = find_images([path], recursive=True)
-            if files:
-                return files
-        raise
-    index = load_annotations(path, split=split, images_dir=images_dir)
-    return [im.file for im in index.images]
-
-
 def run_queries(args: argparse.Namespace) -> int:
+    from ..data.formats import dataset_images
     from ..detector import Detector
     from .queries import collect_slot_predictions, save_query_figures
 
-    files = _dataset_images(args.data, args.images, args.split)
+    files = dataset_images(args.data, args.images, args.split)
     if args.max_images:
         files = files[: args.max_images]
     if not files:
@@ -104,7 +89,7 @@ def register(subparsers) -> None:
                    help="plot only boxes scoring above this (default: every image's box, as in the paper)")
     q.add_argument("--max-images", type=int, default=None, help="use at most N images")
     q.add_argument("--batch-size", type=int, default=4)
-    q.add_argument("--device", default="cpu")
+    add_device_argument(q)
     q.set_defaults(func=run_queries)
 
     a = sub.add_parser("attention", help="decoder attention per detection and encoder attention per point")
@@ -115,7 +100,7 @@ def register(subparsers) -> None:
     a.add_argument("--points", help="encoder reference points 'x,y;x,y' in image pixels "
                                     "(default: centres of the detections)")
     a.add_argument("--max-detections", type=int, default=6)
-    a.add_argument("--device", default="cpu")
+    add_device_argument(a)
     a.add_argument("--dpi", type=int, default=130)
     a.set_defaults(func=run_attention)
 

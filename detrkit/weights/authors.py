@@ -1,4 +1,4 @@
-"""The authors' released `.pth` layout (reference section 9): `{"model": state_dict}`."""
+"""The authors' released `.pth` layout: `{"model": state_dict}`."""
 from __future__ import annotations
 
 import re
