@@ -197,7 +197,12 @@ class TrainConfig(_DictIO):
             "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
             "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
             "seed": (0, False), "checkpoint_every_steps": (1, True), "checkpoint_every_epochs": (0, False),
-            "eval_every_epochs": (0, False)})
+            "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
+            "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False)})
+        _check("TrainConfig", "dn_label_noise", self.dn_label_noise <= 1, "at most 1", self.dn_label_noise)
+        if not isinstance(self.backbone_weights, str) or not self.backbone_weights.strip():
+            raise ValueError(f"TrainConfig.backbone_weights must be 'imagenet', 'none' or a path, got "
+                             f"{self.backbone_weights!r}")
         if self.ema_decay is not None:
             _check("TrainConfig", "ema_decay", self.ema_decay < 1, "below 1 (or null: no EMA)", self.ema_decay)
         _check_sizes(self, "train_scales")

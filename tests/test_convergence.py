@@ -12,6 +12,7 @@ from detrkit.config import TrainConfig
 from detrkit.engine.convergence import (ConvergenceLoss, TrainingQueries, self_attention_mask,
                                         training_forward)
 from detrkit.losses import SetCriterion
+from detrkit.model.detr import BackboneFeatures, pad_images
 
 from _train_helpers import tiny_model
 
@@ -21,9 +22,10 @@ def _model(**kw):
     return build_model(tiny_model(dec_layers=2, **kw).with_classes(["a", "b", "c"])).eval()
 
 
-def _features(b=2):
+def _features():
+    """Cached-backbone-style input: two feature maps of different sizes, padded (the second has padding)."""
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(512, 3, 4, generator=g), torch.randn(512, 2, 3, generator=g)][:b]
+    return BackboneFeatures(*pad_images([torch.randn(512, 3, 4, generator=g), torch.randn(512, 2, 3, generator=g)]))
 
 
 def _targets():
@@ -41,10 +43,10 @@ def test_switches_off_is_the_model_forward(queries_at):
     feats = _features()
     images = [torch.randn(3, 64, 96), torch.randn(3, 80, 64)]
     with torch.no_grad():
-        for x, kw in ((feats, {"features": True}), (images, {})):
-            ours = training_forward(model, None, x, _targets(), **kw)
+        for x in (feats, images):
+            ours = training_forward(model, None, x, _targets())
             assert ours["dn"] is None and len(ours["groups"]) == 1
-            ref = model(x, **kw)
+            ref = model(x)
             assert torch.equal(ours["groups"][0]["pred_logits"], ref["pred_logits"])
             assert torch.equal(ours["groups"][0]["pred_boxes"], ref["pred_boxes"])
             assert torch.equal(ours["groups"][0]["aux_outputs"][0]["pred_boxes"], ref["aux_outputs"][0]["pred_boxes"])
@@ -66,14 +68,14 @@ def test_denoising_leaks_nothing_into_the_matching_queries(queries_at):
     extra = TrainingQueries(TrainConfig(dn_groups=3), 32, 8, 3)
     feats, targets = _features(), _targets()
     with torch.no_grad():
-        plain = training_forward(model, None, feats, targets, features=True)["groups"][0]
-        with_dn = training_forward(model, extra, feats, targets, features=True,
+        plain = training_forward(model, None, feats, targets)["groups"][0]
+        with_dn = training_forward(model, extra, feats, targets,
                                    generator=torch.Generator().manual_seed(0))
         assert with_dn["dn"]["pred_boxes"].shape == (2, 2, 3 * 2, 4)  # 2 layers, 3 groups x 2 targets
         assert _close(with_dn["groups"][0]["pred_logits"], plain["pred_logits"])
         assert _close(with_dn["groups"][0]["pred_boxes"], plain["pred_boxes"])
         # and the denoising part does depend on the noised boxes it was given (it is not inert)
-        other = training_forward(model, extra, feats, targets, features=True,
+        other = training_forward(model, extra, feats, targets,
                                  generator=torch.Generator().manual_seed(1))
         assert not _close(other["dn"]["pred_boxes"], with_dn["dn"]["pred_boxes"], atol=1e-4)
 
@@ -82,9 +84,9 @@ def test_denoising_leaks_nothing_into_the_matching_queries(queries_at):
         changed = [t.clone() for t in fixed]
         changed[1][:, 4:] = torch.rand(2, 2, 4)
         extra.noised = lambda *a, **k: fixed  # type: ignore[method-assign]
-        a = training_forward(model, extra, feats, targets, features=True)["dn"]
+        a = training_forward(model, extra, feats, targets)["dn"]
         extra.noised = lambda *a, **k: changed  # type: ignore[method-assign]
-        b = training_forward(model, extra, feats, targets, features=True)["dn"]
+        b = training_forward(model, extra, feats, targets)["dn"]
         valid = fixed[4]
         keep = valid.clone()
         keep[:, 4:] = False
@@ -97,12 +99,12 @@ def test_group_queries_do_not_attend_across_groups():
     extra = TrainingQueries(TrainConfig(query_groups=3), 32, 8, 3)
     feats = _features()
     with torch.no_grad():
-        out = training_forward(model, extra, feats, features=True)["groups"]
+        out = training_forward(model, extra, feats)["groups"]
         assert len(out) == 3
-        plain = model(feats, features=True)
+        plain = model(feats)
         assert _close(out[0]["pred_boxes"], plain["pred_boxes"])
         extra.extra_queries[1].normal_()  # group 2's queries change
-        again = training_forward(model, extra, feats, features=True)["groups"]
+        again = training_forward(model, extra, feats)["groups"]
     assert _close(again[0]["pred_boxes"], out[0]["pred_boxes"]) and _close(again[1]["pred_logits"], out[1]["pred_logits"])
     assert not _close(again[2]["pred_boxes"], out[2]["pred_boxes"], atol=1e-4)
 
@@ -139,7 +141,7 @@ def test_trained_with_every_switch_exports_to_huggingface(tmp_path):
     model.train()
     before = model.query_embed.weight.detach().clone()
     for _ in range(3):
-        losses = loss_fn(training_forward(model, extra, _features(), _targets(), features=True), _targets())
+        losses = loss_fn(training_forward(model, extra, _features(), _targets()), _targets())
         assert {"loss_dn_ce", "loss_dn_bbox", "g2_loss_giou", "loss_ce"} <= set(losses)
         opt.zero_grad()
         loss_fn.total(losses).backward()

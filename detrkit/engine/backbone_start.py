@@ -57,3 +57,21 @@ def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainCon
                         "(imagenet or a file) or pretrain_steps")
     log.info("backbone start: %s", start.description)
     return start
+
+
+def backbone_start_part(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, progress: bool,
+                        write_record, ema=None) -> BackboneStart:
+    """The run's backbone-start stage (a fresh run, not fine-tuning): rank 0 gives the backbone its
+    start, every rank receives it, the EMA copy restarts from it; write_record(dict) logs it
+    (metrics.jsonl). -> what was done (the same on every rank)."""
+    from . import distributed as dist_utils
+
+    start = None
+    if dist_utils.rank() == 0:
+        start = start_backbone(model, model.cfg, cfg, train_set.dataset, device, progress)
+        write_record({"type": "backbone_start", **start.to_dict()})
+    start = dist_utils.all_gather_object(start)[0]
+    dist_utils.broadcast_module(model.backbone)
+    if ema is not None:
+        ema.module.load_state_dict(model.state_dict())
+    return start

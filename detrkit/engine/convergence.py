@@ -15,9 +15,10 @@ from step to step (the Hungarian matching is unstable early on). Two fixes that 
   `query_embed`, the others are training-only. K times more positive queries per step.
 
 `TrainingQueries` holds the training-only parameters; `training_forward(model, extra, ...)` runs the
-model's own submodules (backbone, input_proj, encoder, decoder, heads) with the extra queries and the
-mask, so `DETR.forward` and the state dict are untouched; `ConvergenceLoss` is the criterion for its
-output. With every switch off, `training_forward` computes exactly `model(...)`.
+model's public blocks (features, encode, the decoder, heads) with the extra queries and the mask, so
+`DETR.forward` and the state dict are untouched; `ConvergenceLoss` is the criterion for its output.
+With every switch off, `training_forward` computes exactly `model(...)`. `TrainingModel` puts model
+and extra queries in one module (what the training step runs, and what DDP wraps).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch.nn import functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from ..config import TrainConfig
-from ..model.detr import MLP, pad_images
+from ..model.detr import MLP, BackboneFeatures
 
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -123,35 +124,26 @@ def self_attention_mask(num_queries: int, groups: int, dn_groups: int = 0, dn_wi
     return mask
 
 
-def training_forward(model: nn.Module, extra: TrainingQueries | None, images: Tensor | Sequence[Tensor],
-                     targets: Sequence[dict] | None = None, *, features: bool = False,
-                     generator: torch.Generator | None = None) -> dict:
-    """The model's training forward with the switches in `extra`.
+def training_forward(model: nn.Module, extra: TrainingQueries | None,
+                     inputs: Sequence[Tensor] | Tensor | BackboneFeatures, targets: Sequence[dict] | None = None,
+                     *, generator: torch.Generator | None = None) -> dict:
+    """The model's training forward with the switches in `extra`, composed of the model's public blocks
+    (features, encode, the decoder, heads), so `DETR.forward` and the state dict are untouched.
 
-    images: a list of [3,H,W] images, or with features=True a list of backbone features [C,h,w].
+    inputs: what `DETR.forward` takes (a list of [3,H,W] images, a padded batch, or BackboneFeatures).
     -> {"groups": K dicts like DETR.forward's output (group 0 = the model's own queries),
         "dn": None or {pred_logits [L,B,D,C+1], pred_boxes [L,B,D,4] (every decoder layer), labels [B,D],
               boxes [B,D,4] (the true ones), valid [B,D]}}.
     """
-    if features:
-        feats, fmask = pad_images(images)
-    else:
-        batch, mask = pad_images(images) if isinstance(images, (list, tuple)) else (images, None)
-        if mask is None:
-            mask = torch.zeros(batch.shape[0], *batch.shape[-2:], dtype=torch.bool, device=batch.device)
-        feats, fmask = model.backbone(batch, mask)
-    pos = model.position(fmask).to(feats.dtype).flatten(2).transpose(1, 2)  # [B,N,d]
-    src = model.input_proj(feats).flatten(2).transpose(1, 2)  # [B,N,d]
-    key_mask = fmask.flatten(1) if fmask.any() else None
-    transformer = model.transformer
-    memory, _ = transformer.encoder(src, pos, key_mask)
-    b, d_model = src.shape[0], src.shape[-1]
+    feats = inputs if isinstance(inputs, BackboneFeatures) else model.features(inputs)
+    enc = model.encode(feats)
+    b, d_model = enc.memory.shape[0], enc.memory.shape[-1]
     queries = model.query_embed.weight[None]  # [1,Q,d]
     groups = 1 if extra is None else extra.groups
     if groups > 1:
         queries = torch.cat([queries, extra.extra_queries.to(queries.dtype)], dim=0)  # [K,Q,d]
     query_pos = queries.flatten(0, 1)[None].expand(b, -1, -1)  # [B,K*Q,d]
-    at_input = transformer.queries_at == "input"
+    at_input = model.transformer.queries_at == "input"
     tgt = query_pos if at_input else torch.zeros_like(query_pos)
     dn = None
     if extra is not None and extra.dn_groups and targets is not None and any(len(t["labels"]) for t in targets):
@@ -160,7 +152,7 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None, images: Te
         where = extra.dn_box(box_sine_embedding(noisy_boxes, d_model).to(query_pos.dtype))  # [B,D,d]
         if at_input:
             tgt = torch.cat([tgt, content + where], dim=1)
-        else:
+        else:  # content as the decoder's start, the noised box as the positional part of every attention
             tgt = torch.cat([tgt, content], dim=1)
             query_pos = torch.cat([query_pos, where], dim=1)
         dn = {"labels": labels, "boxes": boxes, "valid": valid}
@@ -168,21 +160,15 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None, images: Te
     if groups > 1 or dn is not None:
         dn_groups = extra.dn_groups if dn else 0
         attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups,
-                                        dn["valid"].shape[1] // dn_groups if dn else 0, src.device)
-    hs, _ = transformer.decoder(tgt, memory, pos, None if at_input else query_pos, key_mask,
-                                self_attn_mask=attn_mask)
-    logits = model.class_embed(hs)  # [L,B,K*Q+D,C+1]
-    boxes_out = model.bbox_embed(hs).sigmoid()
+                                        dn["valid"].shape[1] // dn_groups if dn else 0, enc.memory.device)
+    # the decoder itself (not DETR.decode): denoising queries need their own start `tgt`
+    hs, _ = model.transformer.decoder(tgt, enc.memory, enc.pos, None if at_input else query_pos, enc.key_mask,
+                                      self_attn_mask=attn_mask)
     q = model.cfg.num_queries
-    outs = []
-    for g in range(groups):
-        lg, bx = logits[:, :, g * q:(g + 1) * q], boxes_out[:, :, g * q:(g + 1) * q]
-        out = {"pred_logits": lg[-1], "pred_boxes": bx[-1]}
-        if model.cfg.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": c} for a, c in zip(lg[:-1], bx[:-1])]
-        outs.append(out)
+    outs = [model.heads(hs[:, :, g * q:(g + 1) * q]) for g in range(groups)]
     if dn is not None:
-        dn["pred_logits"], dn["pred_boxes"] = logits[:, :, groups * q:], boxes_out[:, :, groups * q:]
+        dn["pred_logits"] = model.class_embed(hs[:, :, groups * q:])
+        dn["pred_boxes"] = model.bbox_embed(hs[:, :, groups * q:]).sigmoid()
     return {"groups": outs, "dn": dn}
 
 
@@ -231,3 +217,20 @@ class ConvergenceLoss(nn.Module):
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         return sum(losses[k] * self.weight(k) for k in losses if self.weight(k) != 0)
+
+
+class TrainingModel(nn.Module):
+    """The model and its training-only queries as one module: forward(inputs, targets) ->
+    `training_forward`'s output. DDP wraps this (so the extra parameters' gradients are reduced too);
+    checkpoints keep `model` and `extra` apart (the model's state dict stays the paper's)."""
+
+    def __init__(self, model: nn.Module, extra: TrainingQueries):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def forward(self, inputs, targets: Sequence[dict] | None = None) -> dict:
+        return training_forward(self.model, self.extra, inputs, targets)
