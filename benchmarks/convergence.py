@@ -12,7 +12,7 @@ start and end of each run is recorded: on a shared machine the same budget buys 
 
 Datasets (prepared once under OUT/data):
   hard      `detrkit data synth --variant hard` (2000 train / 200 val images)
-  bccd      BCCD (VOC) from ../shared/data/bccd, splits train / val
+  bccd      BCCD (VOC) from ../shared/data/bccd ($DETRKIT_BCCD), splits train / val
   bccd-rbc  BCCD with only the RBC class: ~13 touching cells per image, a constant box cannot score
   main      the main job's data (4000 / 100 images, engine/main_job.py's generator settings)
 Variants: base (the preset as it is), dn (denoising queries), groups (group queries), iou (IoU-aware
@@ -44,7 +44,7 @@ VARIANTS: dict[str, dict] = {
     "all": {"dn_groups": 4, "query_groups": 3, "iou_aware": True},
 }
 THRESHOLDS = (0.3, 0.5)
-SHARED_BCCD = ROOT.parent / "shared" / "data" / "bccd"
+SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
 
 
 # ------------------------------------------------------------------------------------------- data
