@@ -192,15 +192,15 @@ def _fmt(v, digits=3) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dataset | variant | budget (min) | AP | AP50 | APs | steps | minutes | min to AP50 0.3 | "
+    lines = ["| dataset | preset | variant | budget (min) | AP | AP50 | APs | steps | minutes | min to AP50 0.3 | "
              "min to AP50 0.5 | load avg (start/end) | settings |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], list(VARIANTS).index(r["variant"]), r["date"])):
         sets = ", ".join(f"{k}={v}" for k, v in r.get("sets", {}).items()) or "-"
         if r.get("shared_backbone_minutes") is not None:
             sets += f"; backbone pretrained once ({r['shared_backbone_minutes']:.1f} min, not in the budget)"
         lines.append(
-            f"| {r['dataset']} | {r['variant']} | {r['budget_min']:g} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
+            f"| {r['dataset']} | {r['preset']} | {r['variant']} | {r['budget_min']:g} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
             f"{_fmt(r['APs'])} | {r['steps']} | {r['minutes']:.1f} | {_fmt(r['min_to_0.3'], 1)} | "
             f"{_fmt(r['min_to_0.5'], 1)} | {r['load_start']:.1f} / {r['load_end']:.1f} | {sets} |")
     return "\n".join(lines)
