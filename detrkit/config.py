@@ -87,6 +87,8 @@ class ModelConfig(_DictIO):
     image_size: int = 800; max_image_size: int = 1333  # noqa: E702
     class_names: list[str] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
+    # panoptic: the category ids that are stuff (merged per class by the post-processing); others are things
+    stuff_category_ids: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -196,7 +198,7 @@ class TrainConfig(_DictIO):
             "giou_loss_coef": (0, False), "eos_coef": (0, False), "train_max_size": (1, False),
             "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
             "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
-            "seed": (0, False), "checkpoint_every_steps": (1, True), "checkpoint_every_epochs": (0, False),
+            "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
             "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
             "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False)})
         _check("TrainConfig", "dn_label_noise", self.dn_label_noise <= 1, "at most 1", self.dn_label_noise)

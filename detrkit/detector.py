@@ -15,7 +15,7 @@ from .data.transforms import resize_for_inference
 from .model import DETR, build_model
 from .postprocess import Detections, postprocess
 from .weights import huggingface, native
-from .weights.load import load_model, load_weights  # noqa: F401  (load_weights: also importable from here)
+from .weights.load import model_from_weights
 
 
 def _as_pil(image: Any) -> Image.Image:
@@ -63,6 +63,8 @@ class Detector:
         self.config = config or model.cfg
         self.device = torch.device(device)
         self.precision = precision
+        # the panoptic model (mask head) whose `detr` is `self.model`, when the weights have one
+        self.segmentation: torch.nn.Module | None = None
         self._runner: torch.nn.Module | None = None
         self._runner_key: tuple | None = None
 
@@ -90,14 +92,34 @@ class Detector:
     def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", *,
                         dilation: bool | None = None, precision: str = "float32") -> "Detector":
         """Anything `weights.load.load_weights` takes: a native dir/.safetensors, an authors' .pth, a Hugging
-        Face dir, a training checkpoint or run folder, or a published name."""
-        model, cfg = load_model(source, dilation=dilation)
+        Face dir, a training checkpoint or run folder, or a published name. Panoptic weights (with a mask
+        head) also give `predict(..., task="panoptic")`."""
+        from .weights.panoptic import is_panoptic, load_panoptic_weights  # panoptic layouts, then load_weights
+
+        sd, cfg = load_panoptic_weights(source, dilation=dilation)
+        if is_panoptic(sd):
+            from .model.segmentation import DETRSegmentation
+
+            seg = DETRSegmentation(cfg)
+            missing, unexpected = seg.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{source}: weights do not fit the panoptic model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            det = cls(seg.detr, cfg, device=device, precision=precision)
+            det.segmentation = seg.eval().to(device)
+            return det
+        model = model_from_weights(sd, cfg, source)
         return cls(model, cfg, device=device, precision=precision)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return native.save_native(self.model.state_dict(), self.config, path)
+        model = self.segmentation if self.segmentation is not None else self.model
+        return native.save_native(model.state_dict(), self.config, path)
 
     def export_huggingface(self, out_dir: str | Path) -> Path:
+        if self.segmentation is not None:  # DetrForSegmentation
+            from .weights.panoptic import save_hf_segmentation
+
+            return save_hf_segmentation(self.segmentation.state_dict(), self.config, out_dir)
         return huggingface.save_huggingface(self.model.state_dict(), self.config, out_dir)
 
     # ---- inference ----------------------------------------------------------------------------
@@ -114,9 +136,15 @@ class Detector:
 
     @torch.no_grad()
     def predict(self, images: Any, threshold: float | None = 0.5, top_k: int | None = None,
-                batch_size: int = 4) -> list[Detections]:
+                batch_size: int = 4, task: str = "detection", panoptic_threshold: float = 0.85) -> list:
         """One `Detections` per image (boxes in pixels of the original image). Results do not depend
-        on batch_size: each image is computed as if alone."""
+        on batch_size: each image is computed as if alone.
+        task="panoptic" (weights with a mask head): one `PanopticResult` per image instead (segment
+        ids at the original size + segments_info), queries kept above `panoptic_threshold` (paper: 0.85)."""
+        if task == "panoptic":
+            return self._predict_panoptic(images, panoptic_threshold)
+        if task != "detection":
+            raise ValueError(f"task must be 'detection' or 'panoptic', got {task!r}")
         return list(self.predict_iter(_as_list(images), threshold, top_k, batch_size))
 
     def predict_iter(self, images: Iterable[Any], threshold: float | None = 0.5, top_k: int | None = None,
@@ -145,6 +173,20 @@ class Detector:
                 label_names=[self.config.class_names[i] for i in labels.tolist()],
                 image_size=size,
             ))
+        return results
+
+
+    def _predict_panoptic(self, images: Any, threshold: float) -> list:
+        if self.segmentation is None:
+            raise ValueError("these weights have no mask head: panoptic prediction needs panoptic weights "
+                             "(e.g. detr-r50-panoptic, or a model trained with the mask head)")
+        from .engine.panoptic import predict_panoptic
+
+        results = []
+        for image in _as_list(images):
+            tensors, sizes = self.preprocess([image])
+            res, _ = predict_panoptic(self.segmentation, self.config, tensors[0], sizes[0], threshold)
+            results.append(res)
         return results
 
 

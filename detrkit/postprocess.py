@@ -5,8 +5,10 @@ use it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +18,9 @@ from torchvision.ops import box_convert
 @dataclass
 class Detections:
     """Detections of one image. boxes [K,4] xyxy pixels of the original upright image, scores [K],
-    labels [K] contiguous class indices; category_ids / label_names are the dataset's ids and names."""
+    labels [K] contiguous class indices; category_ids / label_names are the dataset's ids and names of
+    each box. image: the picture they were found in, when the detector was given one it could keep (a
+    path, a PIL image or an array), for `plot` and `save`."""
 
     boxes: Tensor
     scores: Tensor
@@ -24,9 +28,58 @@ class Detections:
     category_ids: list[int]
     label_names: list[str]
     image_size: tuple[int, int]  # (h, w)
+    image: Any = None
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO result records (`coco_records`), each with its class name under "category_name"."""
+        records = coco_records(image_id, self.boxes, self.category_ids, self.scores)
+        return [{**r, "category_name": n} for r, n in zip(records, self.label_names)]
+
+    def plot(self, image: Any = None):
+        """The image with the boxes, class names and scores drawn on it (a new RGB PIL image).
+        image: a path, PIL image or HWC uint8 array; default: the one the detections were found in."""
+        from PIL import Image
+
+        from .viz.draw import draw_detections
+
+        image = self.image if image is None else image
+        if image is None:
+            raise ValueError("Detections.plot: no image to draw on; pass the image the detections came from")
+        if isinstance(image, (str, Path)):
+            from .data.images import load_image
+
+            image = load_image(image)
+        elif not isinstance(image, Image.Image):
+            import numpy as np
+
+            array = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+            image = Image.fromarray(array)
+        if image.size != (self.image_size[1], self.image_size[0]):
+            raise ValueError(f"Detections.plot: the image is {image.size[0]}x{image.size[1]}, the detections were "
+                             f"made on {self.image_size[1]}x{self.image_size[0]}")
+        labels = self.labels.tolist()
+        names = [""] * (max(labels) + 1 if labels else 0)
+        for lab, name in zip(labels, self.label_names):
+            names[lab] = name
+        return draw_detections(image, self.boxes.numpy(), labels, self.scores.numpy(), names)
+
+    def save(self, path: str | Path, image: Any = None) -> Path:
+        """Write the drawn image (any image suffix) or, for a .json path, the COCO records (image_id 0)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".json":
+            from .atomic import write_atomic
+
+            write_atomic(path, json.dumps(self.to_coco(0), indent=1))
+        else:
+            drawn = self.plot(image)
+            drawn.save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else drawn.save(path)
+        return path
 
 
 def class_scores(pred_logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,6 @@ from typing import Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from .data.images import load_image
-from .postprocess import coco_records
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,9 @@ def predict_files(detector: Any, paths: Sequence[Path], *, out_dir: str | Path |
     """Detect objects in `paths` with `detector` (a `Detector`); draw them into `out_dir` (if given);
     return the COCO result records.
 
-    Each record: image_id, file_name, then what `postprocess.coco_records` writes (category_id, the
-    dataset's id; bbox [x, y, w, h] pixels of the upright original; score): with threshold None, the
-    records of `detrkit eval` on the same weights and files. Files that fail to load are logged and
+    Each record: image_id, file_name, then what `Detections.to_coco` writes (category_id, the
+    dataset's id; bbox [x, y, w, h] pixels of the upright original; score; category_name): with
+    threshold None, the records of `detrkit eval` on the same weights and files. Files that fail to load are logged and
     listed in `failed`. The files are read as the detector's batches need them.
     """
     from .viz.draw import draw_detections
@@ -77,7 +76,7 @@ def predict_files(detector: Any, paths: Sequence[Path], *, out_dir: str | Path |
         images = _readable(paths, loaded, summary.failed, bar)
         for det in detector.predict_iter(images, threshold=threshold, top_k=top_k, batch_size=batch_size):
             i, image = loaded.popleft()
-            for r in coco_records(ids[i], det.boxes, det.category_ids, det.scores):
+            for r in det.to_coco(ids[i]):
                 summary.records.append({"image_id": r.pop("image_id"), "file_name": str(paths[i]), **r})
             if out is not None:
                 drawn = draw_detections(image, det.boxes.numpy(), det.labels.numpy(), det.scores.numpy(),

@@ -2,6 +2,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import detrkit  # noqa: F401  (before torch: sets the OpenMP wait policy, see detrkit/__init__.py)
 import torch
 
 # Keep the suite light on the 2-core machines it runs on.

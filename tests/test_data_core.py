@@ -191,7 +191,7 @@ def test_large_images_load_with_warning_up_to_a_cap(tmp_path, monkeypatch, caplo
 def test_coco_round_trip(synth, tmp_path):
     a = load_coco(synth)
     assert not a.problems and len(a.images) == 6 and len(a.annotations) > 6
-    out = save_coco(a, tmp_path / "elsewhere" / "copy.json")  # images outside: absolute paths
+    out = save_coco(a, tmp_path / "elsewhere" / "copy.json")  # images outside: ../ relative paths
     b = load_coco(out)
     assert b.categories == a.categories and b.images == a.images and b.annotations == a.annotations
     assert not b.problems
@@ -200,6 +200,20 @@ def test_coco_round_trip(synth, tmp_path):
     names = [im["file_name"] for im in json.loads(inside.read_text())["images"]]
     assert all(n.startswith("images/") for n in names)
     assert load_coco(inside).images == a.images
+
+
+def test_converted_dataset_survives_a_move(synth, tmp_path):
+    """Issue 15, problem 10: `data convert` wrote absolute file names, so a copied dataset pointed back
+    at the original images. Relative names keep the copy self-contained."""
+    import shutil
+
+    a = load_coco(synth)
+    save_coco(a, synth.parent / "annotations" / "converted.json")
+    moved = tmp_path / "moved"
+    shutil.copytree(synth.parent, moved)
+    b = load_coco(moved / "annotations" / "converted.json")
+    assert not b.problems
+    assert all(Path(im.file).is_relative_to(moved.resolve()) for im in b.images)
 
 
 def test_coco_image_lookup(tmp_path):

@@ -71,5 +71,6 @@ def test_export_command_writes_a_verified_file(exported, tmp_path):
     out = tmp_path / "cli.onnx"
     assert main(["export", "onnx", "--weights", str(weights), "--out", str(out), "--verify"]) == 0
     assert out.stat().st_size > 0
+    assert main(["export", "onnx", "--weights", str(tmp_path / "missing"), "--out", str(out)]) == 1  # one line
     with pytest.raises(FileNotFoundError):
-        main(["export", "onnx", "--weights", str(tmp_path / "missing"), "--out", str(out)])
+        main(["--debug", "export", "onnx", "--weights", str(tmp_path / "missing"), "--out", str(out)])

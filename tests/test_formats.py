@@ -198,11 +198,12 @@ def test_detect_format(tmp_path, yolo_dataset, voc_dataset):
 def test_convert_round_trip(kind, yolo_dataset, voc_dataset, tmp_path):
     src = yolo_dataset if kind == "yolo" else voc_dataset
     original = load_annotations(src)
-    for out in (src / "coco.json", tmp_path / "elsewhere" / "coco.json"):  # relative and absolute file names
+    for out in (src / "coco.json", tmp_path / "elsewhere" / "coco.json"):  # images inside and outside its folder
         convert(src, out)
         data = json.loads(out.read_text())
-        inside = out.parent == src
-        assert all(not Path(im["file_name"]).is_absolute() for im in data["images"]) == inside
+        # issue 15, problem 10: file names are always relative (../ where needed), never absolute
+        assert not any(Path(im["file_name"]).is_absolute() for im in data["images"])
+        assert all(im["file_name"].startswith("..") for im in data["images"]) == (out.parent != src)
         back = load_coco(out)
         assert back.problems == []
         assert back.categories == original.categories

@@ -158,7 +158,7 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
     records = json.loads(js.read_text())
     assert len(records) == 12  # top 2 of each of the 6 readable images
     assert {r["category_id"] for r in records} <= set(CATEGORY_IDS)
-    assert set(records[0]) == {"image_id", "file_name", "category_id", "bbox", "score"}
+    assert set(records[0]) == {"image_id", "file_name", "category_id", "category_name", "bbox", "score"}
     assert sorted(p.name for p in out.iterdir()) == ["cmyk.jpg", "deep16.png", "gray.png", "palette.png",
                                                      "rgba.png", "rotated.jpg"]
     assert main(["predict", str(tmp_path / "nothere.jpg"), "--weights", str(weights), "--json", str(js)]) == 2

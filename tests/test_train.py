@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 
-from detrkit.engine import train as train_mod
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import NonFiniteLossError, train
 from detrkit.engine.schedule import lr_factor

@@ -46,9 +46,7 @@ _XYXY_ERROR_SHARE = 0.2
 @dataclass
 class BoxStats:
     count: int = 0
-    small: int = 0
-    medium: int = 0
-    large: int = 0
+    small: int = 0; medium: int = 0; large: int = 0  # noqa: E702  (COCO's area classes)
     width: tuple[float, float, float] | None = None  # min, median, max (pixels)
     height: tuple[float, float, float] | None = None
 
@@ -56,7 +54,7 @@ class BoxStats:
 @dataclass
 class CheckReport:
     source: Path
-    dataset_format: str  # coco / yolo / voc
+    dataset_format: str  # coco / yolo / voc / coco-panoptic
     split: str | None = None
     readable: bool = True  # False when the annotations could not be read at all
     errors: list[Problem] = field(default_factory=list)
@@ -277,6 +275,12 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     A dataset whose annotation file cannot be read at all gives a report with that one error.
     """
     path = Path(path)
+    from .panoptic import is_panoptic_json  # panoptic sets and instance masks: data/panoptic_check.py
+
+    if is_panoptic_json(path):
+        from .panoptic_check import check_panoptic
+
+        return check_panoptic(path, images_dir, decode_images=decode_images)
     try:
         fmt = detect_format(path)
     except (ValueError, OSError) as e:
@@ -304,6 +308,11 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     report.num_images = len(index.images)
     sizes = _check_images(index, report, decode_images, reported_missing)
     _check_boxes(index, fmt, report, sizes)
+    if fmt == "coco":
+        from .panoptic_check import instance_mask_problems
+
+        for p in instance_mask_problems(index.source):
+            report.add(p)
     if fmt in ("coco", "voc") and split is None:  # YOLO's reader reports unlabelled images itself
         for p in _unlisted_images(index):
             report.add(p)

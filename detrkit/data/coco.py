@@ -193,6 +193,7 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
                                       float(area) if area is not None else None))
 
     n_err = sum(p.severity == "error" for p in problems)
+    log.info("%s: %d images, %d boxes, %d classes", json_path, len(images), len(annotations), len(categories))
     if problems:
         log.warning("%s: %d problem(s) (%d errors); see index.problems", json_path, len(problems), n_err)
     return DatasetIndex(

@@ -20,6 +20,20 @@ def _run_synth(args: argparse.Namespace) -> int:
     if not 16 <= lo <= hi:
         print(f"error: need 16 <= --min-side <= --max-side, got {lo}, {hi}")
         return 2
+    if args.panoptic:
+        from .panoptic import load_panoptic
+        from .synthetic_panoptic import make_synthetic_panoptic
+
+        path = make_synthetic_panoptic(args.out_dir, num_images=args.images, seed=args.seed, image_size=(lo, hi),
+                                       image_format=args.format)
+        index = load_panoptic(path)
+        n = sum(len(r.segments) for r in index.records)
+        print(f"wrote {len(index.records)} images, {n} segments, things: "
+              f"{', '.join(name for _, name, t in index.categories if t)}; stuff: "
+              f"{', '.join(name for _, name, t in index.categories if not t)} to {path.parent}")
+        print(f"panoptic: {path} (+ {path.parent / 'panoptic'}/*.png); boxes and masks: "
+              f"{path.parent / 'annotations.json'}")
+        return 0
     path = make_synthetic(args.out_dir, num_images=args.images, seed=args.seed, variant=args.variant,
                           image_size=(lo, hi), image_format=args.format)
     index = load_coco(path)
@@ -41,11 +55,15 @@ def add_synth_command(data_sub) -> None:
                    "192, hard: 224)")
     p.add_argument("--max-side", type=int, default=None, help="largest image side in pixels (default 320)")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
+    p.add_argument("--panoptic", action="store_true",
+                   help="a panoptic set instead: stuff regions (sky, ground, stripes) under thing shapes; "
+                        "COCO panoptic (panoptic.json + PNGs) and instances with masks (annotations.json)")
     p.set_defaults(func=_run_synth)
 
 
 def _dataset_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="COCO .json, YOLO data.yaml or folder, or Pascal VOC folder")
+    p.add_argument("path", help="COCO .json (instances, or panoptic for check), YOLO data.yaml or folder, "
+                                "or Pascal VOC folder")
     p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
     p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
 

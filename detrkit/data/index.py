@@ -5,6 +5,7 @@ the checker, the converter and the evaluator consume it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,12 +68,13 @@ class DatasetIndex:
         return by_image
 
     def to_coco(self, relative_to: Path | None = None) -> dict:
-        """COCO instances JSON (file_name relative to `relative_to` when given)."""
+        """COCO instances JSON (file_name relative to `relative_to` when given, with ../ where the image
+        lies outside it, so a dataset folder moved or copied whole keeps working)."""
         def name(p: Path) -> str:
             if relative_to is not None:
                 try:
-                    return str(Path(p).resolve().relative_to(Path(relative_to).resolve()))
-                except ValueError:
+                    return os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())
+                except ValueError:  # another drive (Windows): no relative path exists
                     pass
             return str(p)
 

@@ -12,7 +12,6 @@ import torch
 
 from ..config import DEFAULT_PRESET, ModelConfig, build_configs
 from ..device import add_device_argument
-from .evaluate import STAT_NAMES
 
 COCO_LABELS = (
     "AP @[IoU=0.50:0.95 | area=   all | maxDets=100]",
@@ -68,6 +67,8 @@ def _set_threads(threads: int | None) -> None:
 
 # -------------------------------------------------------------------------------------------- eval
 def print_coco(metrics: dict) -> None:
+    from .evaluate import STAT_NAMES
+
     for name, label in zip(STAT_NAMES, COCO_LABELS):
         if name in metrics:
             print(f" {label} = {float(metrics[name]):.3f}")

@@ -10,11 +10,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..atomic import write_atomic
+from ..config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +31,52 @@ DEFAULT_OBJECT_SIZE = (0.2, 0.6)
 EVAL_RESERVE_MINUTES = 1.0  # final evaluation, checkpoint and figures
 
 
-def run_main_job(out_dir: str | os.PathLike, minutes: float = 15.0, preset: str = "detr-tiny",
-                 variant: str | None = None, num_train: int | None = None, num_val: int | None = None,
-                 sets: list[str] | None = None, num_figures: int = 6) -> dict:
-    """Run the whole job within `minutes` (wall clock, data generation included); returns a summary."""
+@dataclass
+class JobStart:
+    """A main job after its data: started at t0 (time.monotonic), the run folder, the splits, the
+    preset's configs (settings applied) and the minutes left for training."""
+
+    t0: float
+    out: Path
+    train_json: Path
+    val_json: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    budget: float
+
+
+def start_job(out_dir: str | os.PathLike, minutes: float, preset: str, sets: list[str] | None,
+              make_splits: Callable[[Path], tuple[Path, Path]], reserve_minutes: float,
+              least_minutes: float = 0.0) -> JobStart:
+    """Make the synthetic splits in OUT/data (make_splits(folder) -> the two annotation files) and the
+    configs; the minutes left after the data and `reserve_minutes` must exceed `least_minutes`."""
     from ..config import build_configs
-    from ..data.synthetic import make_synthetic_splits
-    from .train import train
 
     t0 = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_json, val_json = make_synthetic_splits(
-        out / "data", train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
-        variant=variant or "shapes", image_size=DEFAULT_IMAGE_SIZE, max_objects=DEFAULT_MAX_OBJECTS,
-        object_size=DEFAULT_OBJECT_SIZE)
+    train_json, val_json = make_splits(out / "data")
     model_cfg, train_cfg = build_configs(preset, None, sets)
     spent = (time.monotonic() - t0) / 60
-    budget = minutes - spent - EVAL_RESERVE_MINUTES
-    if budget <= 0:
+    budget = minutes - spent - reserve_minutes
+    if budget <= least_minutes:
         raise RuntimeError(f"making the data took {spent:.1f} of the {minutes} minutes; nothing left to train")
+    return JobStart(t0, out, train_json, val_json, model_cfg, train_cfg, budget)
+
+
+def run_main_job(out_dir: str | os.PathLike, minutes: float = 15.0, preset: str = "detr-tiny",
+                 variant: str | None = None, num_train: int | None = None, num_val: int | None = None,
+                 sets: list[str] | None = None, num_figures: int = 6) -> dict:
+    """Run the whole job within `minutes` (wall clock, data generation included); returns a summary."""
+    from ..data.synthetic import make_synthetic_splits
+    from .train import train
+
+    job = start_job(out_dir, minutes, preset, sets, lambda folder: make_synthetic_splits(
+        folder, train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
+        variant=variant or "shapes", image_size=DEFAULT_IMAGE_SIZE, max_objects=DEFAULT_MAX_OBJECTS,
+        object_size=DEFAULT_OBJECT_SIZE), EVAL_RESERVE_MINUTES)
+    t0, out, train_json, val_json = job.t0, job.out, job.train_json, job.val_json
+    model_cfg, train_cfg, budget = job.model_cfg, job.train_cfg, job.budget
     train_cfg.max_minutes = min(train_cfg.max_minutes or budget, budget)
     log.info("main job: %.1f min for training (%s, %d epochs at most)", train_cfg.max_minutes, preset,
              train_cfg.epochs)

@@ -5,10 +5,10 @@ import argparse
 
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
-    from ..weights.load import load_model
+    from ..detector import Detector
     from .onnx import export_onnx, verify_onnx
 
-    model, _ = load_model(args.weights)
+    model = Detector.from_pretrained(args.weights).model  # the box detector, also of panoptic weights
     path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {path}: inputs images [B,3,H,W] float32, mask [B,H,W] bool (True = padding); "
           f"outputs pred_logits, pred_boxes")

@@ -62,7 +62,8 @@ class Encoded(NamedTuple):
 
     memory [B,N,d], pos [B,N,d] (position embedding of the N = h*w tokens, row-major),
     key_mask [B,N] (True on padding) or None when nothing is padded, mask [B,h,w] (the feature mask),
-    attention [Le,B,heads,N,N] or None (only when asked for).
+    attention [Le,B,heads,N,N] or None (only when asked for), projected [B,d,h,w] (the encoder's input:
+    the backbone features after the 1x1 projection, for heads such as the panoptic mask head).
     """
 
     memory: Tensor
@@ -70,6 +71,7 @@ class Encoded(NamedTuple):
     key_mask: Tensor | None
     mask: Tensor
     attention: Tensor | None
+    projected: Tensor
 
 
 def as_batch(images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -156,11 +158,11 @@ class DETR(nn.Module):
         """1x1 projection to d channels, position embedding, encoder -> `Encoded` (memory [B,N,d])."""
         features, fmask = feats
         pos = self.position(fmask).to(features.dtype).flatten(2).transpose(1, 2)  # [B,N,d]
-        src = self.input_proj(features).flatten(2).transpose(1, 2)  # [B,N,d]
+        projected = self.input_proj(features)  # [B,d,h,w]
         # An all-False mask changes nothing; dropping it lets attention use the unmasked fast path.
         key_mask = fmask.flatten(1) if (need_weights or torch.jit.is_tracing() or fmask.any()) else None
-        memory, weights = self.transformer.encode(src, pos, key_mask, need_weights)
-        return Encoded(memory, pos, key_mask, fmask, weights)
+        memory, weights = self.transformer.encode(projected.flatten(2).transpose(1, 2), pos, key_mask, need_weights)
+        return Encoded(memory, pos, key_mask, fmask, weights, projected)
 
     def decode(self, enc: Encoded, queries: Tensor | None = None, self_attn_mask: Tensor | None = None,
                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -125,6 +125,7 @@ def compute_attention(detector: Any, image: Any, threshold: float = 0.5, max_det
     (hv, wv), = valid_feature_sizes(att["feature_mask"])
     det = postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, max_detections)[0]
     keep, boxes = det["queries"], det["boxes"]
+    h0, w0 = sizes[0]
     dec = decoder_attention(att)[0, keep, :hv, :wv]
     enc = att["encoder"][-1, 0].float().mean(0)  # [N,N]
     h, w = att["feature_mask"].shape[-2:]

@@ -57,6 +57,20 @@ def run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_masks(args: argparse.Namespace) -> int:
+    from ..data.images import load_image
+    from ..engine.panoptic import load_panoptic_model
+    from .panoptic import plot_mask_attention
+
+    model, cfg = load_panoptic_model(args.weights)
+    fig, k = plot_mask_attention(model, cfg, load_image(args.image), threshold=args.threshold,
+                                 max_detections=args.max_detections, device=args.device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=args.dpi)
+    print(f"{k} detection(s) above {args.threshold:g}; figure: {args.out}")
+    return 0
+
+
 def run_curves(args: argparse.Namespace) -> int:
     from .curves import plot_training_curves
 
@@ -65,6 +79,21 @@ def run_curves(args: argparse.Namespace) -> int:
     fig.savefig(args.out, dpi=args.dpi)
     print(f"figure: {args.out}")
     return 0
+
+
+def _image_figure_parser(sub, name: str, help_text: str, weights_help: str, example: str, threshold: float,
+                         dpi: int) -> argparse.ArgumentParser:
+    """A figure of one image's detections: image, --weights, --out, --threshold, --max-detections,
+    --device, --dpi."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("image", help="an image file")
+    p.add_argument("--weights", required=True, help=weights_help)
+    p.add_argument("--out", required=True, help=f"figure file, e.g. {example}")
+    p.add_argument("--threshold", type=float, default=threshold, help="detections scoring above this are shown")
+    p.add_argument("--max-detections", type=int, default=6)
+    add_device_argument(p)
+    p.add_argument("--dpi", type=int, default=dpi)
+    return p
 
 
 def register(subparsers) -> None:
@@ -92,17 +121,15 @@ def register(subparsers) -> None:
     add_device_argument(q)
     q.set_defaults(func=run_queries)
 
-    a = sub.add_parser("attention", help="decoder attention per detection and encoder attention per point")
-    a.add_argument("image", help="an image file")
-    a.add_argument("--weights", required=True, help="model weights (as for predict)")
-    a.add_argument("--out", required=True, help="figure file, e.g. attention.png")
-    a.add_argument("--threshold", type=float, default=0.5, help="detections scoring above this are shown")
+    a = _image_figure_parser(sub, "attention", "decoder attention per detection and encoder attention per point",
+                             "model weights (as for predict)", "attention.png", threshold=0.5, dpi=130)
     a.add_argument("--points", help="encoder reference points 'x,y;x,y' in image pixels "
                                     "(default: centres of the detections)")
-    a.add_argument("--max-detections", type=int, default=6)
-    add_device_argument(a)
-    a.add_argument("--dpi", type=int, default=130)
     a.set_defaults(func=run_attention)
+
+    m = _image_figure_parser(sub, "masks", "per detection: the mask head's attention map of each head and the "
+                             "final mask", "panoptic weights (with a mask head)", "masks.png", threshold=0.7, dpi=110)
+    m.set_defaults(func=run_masks)
 
     c = sub.add_parser("curves", help="loss terms and AP over training from RUN_DIR/metrics.jsonl")
     c.add_argument("run_dir", help="a run folder holding metrics.jsonl (or the file itself)")

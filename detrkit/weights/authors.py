@@ -68,18 +68,32 @@ def infer_config(sd: dict[str, torch.Tensor], dilation: bool = False) -> ModelCo
     )
 
 
-def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Load an authors' checkpoint without executing pickled code. DC5 is read from the file name
-    (e.g. detr-r50-dc5-f0fb7ef5.pth) unless `dilation` says otherwise."""
-    path = Path(path)
+def read_state_dict(path: Path) -> dict | None:
+    """The state dict of an authors' `.pth` ({"model": state_dict}, or the bare dict), read with
+    weights_only (no code executed); None when the file holds something else."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged or foreign pickles
         raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    return ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+
+
+def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Load an authors' checkpoint without executing pickled code. DC5 is read from the file name
+    (e.g. detr-r50-dc5-f0fb7ef5.pth) unless `dilation` says otherwise."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    panoptic = isinstance(sd, dict) and "detr.class_embed.weight" in sd
+    if panoptic:  # a panoptic checkpoint: the box detector inside it (weights/panoptic.py has the rest)
+        sd = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
     if not isinstance(sd, dict) or "class_embed.weight" not in sd:
         raise ValueError(f"{path}: not a DETR checkpoint (no class_embed.weight in its state dict)")
     if dilation is None:
         dilation = "dc5" in path.name.lower()
     sd = from_authors_keys(sd)
-    return sd, infer_config(sd, dilation)
+    cfg = infer_config(sd, dilation)
+    if panoptic:
+        from .panoptic import infer_panoptic_config
+
+        cfg = infer_panoptic_config({"detr." + k: v for k, v in sd.items()}, dilation)
+    return sd, cfg

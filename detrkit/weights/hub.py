@@ -16,7 +16,15 @@ PUBLISHED: dict[str, tuple[str, str]] = {
     "detr-r50-dc5": ("detr-r50-dc5-f0fb7ef5.pth", "f0fb7ef5"),
     "detr-r101": ("detr-r101-2c7b67e5.pth", "2c7b67e5"),
     "detr-r101-dc5": ("detr-r101-dc5-a2e86def.pth", "a2e86def"),
+    # panoptic (detector + mask head; 250 classes + no-object)
+    "detr-r50-panoptic": ("detr-r50-panoptic-00ce5173.pth", "00ce5173"),
+    "detr-r50-dc5-panoptic": ("detr-r50-dc5-panoptic-da08f1b1.pth", "da08f1b1"),
+    "detr-r101-panoptic": ("detr-r101-panoptic-40021d53.pth", "40021d53"),
 }
+
+
+class DownloadError(OSError):
+    """A published checkpoint could not be downloaded; says which file to place where instead."""
 
 
 def cache_dir() -> Path:
@@ -26,7 +34,7 @@ def cache_dir() -> Path:
 def published_path(name: str, download: bool = True) -> Path:
     """Local path of a published checkpoint, downloading it (hash-checked) if it is not cached."""
     if name not in PUBLISHED:
-        raise KeyError(f"unknown published model {name!r}; known: {sorted(PUBLISHED)}")
+        raise ValueError(f"unknown published model {name!r}; known: {', '.join(sorted(PUBLISHED))}")
     file, prefix = PUBLISHED[name]
     path = cache_dir() / file
     if path.exists():
@@ -36,5 +44,11 @@ def published_path(name: str, download: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", _BASE + file, path)
     # checks that the SHA-256 of the download starts with `prefix` and removes the file otherwise
-    download_url_to_file(_BASE + file, str(path), hash_prefix=prefix, progress=True)
+    try:
+        download_url_to_file(_BASE + file, str(path), hash_prefix=prefix, progress=True)
+    except OSError as e:  # URLError, socket errors (a hash mismatch is a RuntimeError and stays one)
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(f"cannot download {name} from {_BASE + file} ({reason}). Offline? Fetch that file "
+                            f"elsewhere and place it at {path} (the cache folder is $DETRKIT_CACHE, "
+                            f"default ~/.cache/detrkit)") from e
     return path

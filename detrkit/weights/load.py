@@ -52,14 +52,19 @@ def _load_run_checkpoint(path: Path) -> tuple[dict[str, Tensor], ModelConfig]:
     return weights, ModelConfig.from_dict(state["model_cfg"])
 
 
-def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dilation: bool | None = None):
-    """-> (DETR in eval mode on `device` holding the weights of `source`, its ModelConfig)."""
+def model_from_weights(state_dict: dict[str, Tensor], cfg: ModelConfig, source: object = "weights"):
+    """A DETR (eval mode) built from `cfg` holding `state_dict`; every key must fit."""
     from ..model import build_model
 
-    state_dict, cfg = load_weights(source, dilation)
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source}: weights do not fit the model: missing {missing[:5]}"
                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    return model.eval().to(device), cfg
+    return model.eval()
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dilation: bool | None = None):
+    """-> (DETR in eval mode on `device` holding the weights of `source`, its ModelConfig)."""
+    state_dict, cfg = load_weights(source, dilation)
+    return model_from_weights(state_dict, cfg, source).to(device), cfg

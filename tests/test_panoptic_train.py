@@ -1,0 +1,159 @@
+"""The panoptic stages end to end on a few tiny synthetic images: frozen / joint mask-head training,
+evaluation, Detector.predict(task="panoptic"), figures, and bad samples skipped."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detrkit import Detector, get_preset
+from detrkit.data.panoptic import load_panoptic, read_segment_ids, segments_from_ids
+from detrkit.data.panoptic_dataset import PanopticDataset, panoptic_transforms
+from detrkit.data.synthetic_panoptic import make_synthetic_panoptic
+from detrkit.engine.panoptic import load_panoptic_model, train_mask_head
+from detrkit.model import build_model
+from detrkit.panoptic_postprocess import PanopticResult
+from detrkit.weights.native import load_native, save_native
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pantrain")
+    train_json = make_synthetic_panoptic(root / "train", num_images=6, seed=0, image_size=(64, 80))
+    val_json = make_synthetic_panoptic(root / "val", num_images=3, seed=9, image_size=(64, 80))
+    index = load_panoptic(train_json)
+    cfg = get_preset("detr-tiny").model.with_classes([n for _, n, _ in index.categories],
+                                                     [c for c, _, _ in index.categories])
+    cfg.num_queries, cfg.image_size, cfg.max_image_size = 8, 64, 96
+    cfg.queries_at = "attention"  # exportable to transformers
+    torch.manual_seed(0)
+    save_native(build_model(cfg).state_dict(), cfg, root / "detector")
+    return root, train_json, val_json
+
+
+def test_frozen_stage_trains_only_the_head_then_joint(setup):
+    root, train_json, val_json = setup
+    res = train_mask_head(root / "detector", train_json, val_json, root / "stage2", max_steps=3, batch_size=3,
+                          lr=1e-3, progress=False, eval_threshold=0.0)
+    assert res.steps == 3
+    before, _ = load_native(root / "detector")
+    after, cfg = load_native(root / "stage2" / "final")
+    assert cfg.stuff_category_ids == [10, 11, 12]
+    assert all(torch.equal(after["detr." + k], v) for k, v in before.items())  # detector frozen
+    fresh, _ = load_panoptic_model(root / "detector")  # a detector alone gets a fresh head, same seed
+    assert any(not torch.equal(after[k], v) for k, v in fresh.state_dict().items() if k.startswith("mask_head."))
+    metrics = json.loads((root / "stage2" / "metrics.json").read_text())
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mask_AP", "per_class_PQ"):
+        assert key in metrics
+    assert 0.0 <= metrics["PQ"] <= 1.0 and metrics["images"] == 3
+
+    joint = train_mask_head(root / "stage2" / "final", train_json, None, root / "joint", joint=True, max_steps=2,
+                            batch_size=3, lr=1e-3, progress=False)
+    assert joint.steps == 2
+    again, _ = load_native(root / "joint" / "final")
+    assert any(not torch.equal(again[k], after[k]) for k in after if k.startswith("detr.transformer."))
+
+
+def test_detector_predicts_panoptic_and_png_round_trips(setup, tmp_path):
+    root, train_json, val_json = setup
+    if not (root / "stage2" / "final").exists():
+        train_mask_head(root / "detector", train_json, None, root / "stage2", max_steps=1, batch_size=3,
+                        progress=False)
+    det = Detector.from_pretrained(root / "stage2" / "final")
+    assert det.segmentation is not None
+    image = Image.open(load_panoptic(val_json).records[0].image.file)
+    [res] = det.predict(image, task="panoptic", panoptic_threshold=0.0)
+    assert isinstance(res, PanopticResult) and res.ids.shape == (image.height, image.width)
+    assert res.segments and all(s["area"] > 4 for s in res.segments)
+    measured = segments_from_ids(res.ids, {s["id"]: s["category_id"] for s in res.segments})
+    assert sorted((m["id"], m["area"], m["bbox"]) for m in measured) == \
+        sorted((s["id"], s["area"], s["bbox"]) for s in res.segments)
+    assert len(det.predict(image)) == 1  # the detector inside still detects boxes
+    # native and Hugging Face round trips keep the mask head
+    det.save_pretrained(tmp_path / "native")
+    assert Detector.from_pretrained(tmp_path / "native").segmentation is not None
+    det.export_huggingface(tmp_path / "hf")
+    again = Detector.from_pretrained(tmp_path / "hf")
+    [res2] = again.predict(image, task="panoptic", panoptic_threshold=0.0)
+    assert np.array_equal(res2.ids, res.ids)
+    with pytest.raises(ValueError, match="no mask head"):
+        Detector.from_pretrained(root / "detector").predict(image, task="panoptic")
+
+
+def test_figures(setup):
+    from detrkit.viz.panoptic import draw_panoptic, plot_mask_attention
+
+    root, train_json, _ = setup
+    model, cfg = load_panoptic_model(root / "detector")
+    image = Image.open(load_panoptic(train_json).records[0].image.file).convert("RGB")
+    fig, k = plot_mask_attention(model, cfg, image, threshold=0.0, max_detections=2)
+    assert k == 2 and len(fig.axes) == 2 * (cfg.nheads + 2)
+    rec = load_panoptic(train_json).records[0]
+    ids = read_segment_ids(rec.png)
+    segs = [{"id": s.id, "category_id": s.category_id, "isthing": s.category_id < 10, "label": str(s.category_id)}
+            for s in rec.segments]
+    out = draw_panoptic(image, PanopticResult(ids, segs))
+    assert out.size == image.size and np.asarray(out).std() > 0
+
+
+def test_bad_panoptic_samples_are_counted_skips(setup, tmp_path):
+    root, train_json, _ = setup
+    import shutil
+
+    shutil.copytree(train_json.parent, tmp_path / "set")
+    path = tmp_path / "set" / "panoptic.json"
+    index = load_panoptic(path)
+    png = index.records[0].png
+    png.write_bytes(png.read_bytes()[:200])  # truncated
+    ds = PanopticDataset(index, panoptic_transforms(False, [64], 96))
+    bad = ds[0]
+    assert type(bad).__name__ == "BadSample" and str(png) in str(bad)
+    image_t, target = ds[1]
+    assert target["masks"].shape[0] == len(target["labels"]) == len(target["boxes"]) > 0
+    assert target["masks"].shape[-2:] == image_t.shape[-2:]
+    res = train_mask_head(root / "detector", path, None, tmp_path / "run", max_steps=2, batch_size=6,
+                          progress=False)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_samples"] >= 1
+    assert res.steps == 2
+
+
+def test_cli_synth_panoptic_and_viz_masks(setup, tmp_path, capsys):
+    from detrkit.cli import main
+
+    root, _, _ = setup
+    assert main(["data", "synth", str(tmp_path / "syn"), "--panoptic", "--images", "3", "--min-side", "48",
+                 "--max-side", "64"]) == 0
+    assert "stuff: sky, ground, stripes" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "syn" / "panoptic.json")]) == 0
+    image = sorted((tmp_path / "syn" / "images").iterdir())[0]
+    assert main(["viz", "masks", str(image), "--weights", str(root / "detector"), "--threshold", "0",
+                 "--max-detections", "2", "--out", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_panoptic_predict_files_and_eval_command(setup, tmp_path, capsys):
+    from detrkit.engine.panoptic_commands import eval_panoptic_command, predict_panoptic_files
+
+    root, train_json, val_json = setup
+    if not (root / "stage2" / "final").exists():
+        train_mask_head(root / "detector", train_json, None, root / "stage2", max_steps=1, batch_size=3,
+                        progress=False)
+    det = Detector.from_pretrained(root / "stage2" / "final")
+    images = sorted((val_json.parent / "images").iterdir())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    n, failed = predict_panoptic_files(det, images + [bad], tmp_path / "out", threshold=0.0, progress=False)
+    assert n == len(images) and [f for f, _ in failed] == [str(bad)]
+    data = json.loads((tmp_path / "out" / "panoptic.json").read_text())
+    for ann in data["annotations"]:
+        ids = read_segment_ids(tmp_path / "out" / "panoptic" / ann["file_name"])
+        measured = segments_from_ids(ids, {s["id"]: s["category_id"] for s in ann["segments_info"]})
+        assert sorted((m["id"], m["area"], m["bbox"]) for m in measured) == \
+            sorted((s["id"], s["area"], s["bbox"]) for s in ann["segments_info"])
+        assert (tmp_path / "out" / ann["file_name"]).exists()  # the overlay
+    assert eval_panoptic_command(str(root / "stage2" / "final"), str(val_json), threshold=0.0,
+                                 out=str(tmp_path / "m.json")) == 0
+    text = capsys.readouterr().out
+    assert "things" in text and "stuff" in text and "mask AP" in text
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 3
