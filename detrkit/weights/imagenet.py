@@ -54,11 +54,11 @@ def load_imagenet_state(backbone: str, progress: bool = False) -> tuple[dict[str
     try:
         state = weights.get_state_dict(progress=progress, check_hash=True)
     except (urllib.error.URLError, OSError, ConnectionError) as e:
+        # one line: the command line shows errors as one
         raise BackboneWeightsError(
-            f"the ImageNet weights of {backbone} are not in the cache and cannot be downloaded ({e}).\n"
-            f"  Put {path.name} (from {weights.url}) at {path}\n"
-            f"  (the folder is $TORCH_HOME/hub/checkpoints; TORCH_HOME is {os.environ.get('TORCH_HOME', 'unset')}),"
-            f" or train with --backbone-weights none or PATH") from None
+            f"the ImageNet weights of {backbone} are not in the cache and cannot be downloaded ({e}): put "
+            f"{path.name} (from {weights.url}) at {path} ($TORCH_HOME/hub/checkpoints), or train with "
+            f"--backbone-weights none or PATH") from None
     except RuntimeError as e:  # torch hub's hash mismatch on a fresh download
         raise BackboneWeightsError(f"{path}: the ImageNet weights of {backbone} failed torchvision's check: {e}") from None
     return state, path
