@@ -118,7 +118,9 @@ def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pr
             d.causes.append(
                 f"objects smaller than a feature cell: {share:.0%} of the training objects are narrower than "
                 f"{feature_stride(model_cfg)} px at the input size the model sees (shorter side "
-                f"{model_cfg.image_size} px); use a stride-16 feature map (dilation: true) or a larger image_size")
+                f"{model_cfg.image_size} px); use "
+                + ("a larger image_size" if model_cfg.dilation else
+                   "a stride-16 feature map (dilation: true, e.g. preset detr-tiny-s16) or a larger image_size"))
     return d
 
 
