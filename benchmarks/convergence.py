@@ -186,7 +186,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
 
 # ------------------------------------------------------------------------------------------ table
 def _fmt(v, digits=3) -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and v < 0):  # COCO's -1: no object of that size
         return "-"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
