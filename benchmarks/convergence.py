@@ -15,7 +15,7 @@ Datasets (prepared once under OUT/data):
   bccd      BCCD (VOC) from ../shared/data/bccd ($DETRKIT_BCCD), splits train / val
   bccd-rbc  BCCD with only the RBC class: ~13 touching cells per image, a constant box cannot score
   main      the main job's data (4000 / 100 images, engine/main_job.py's generator settings)
-Variants: base (the preset as it is), dn (denoising queries), groups (group queries), iou (IoU-aware
+Variants: base (every switch off), dn (denoising queries), groups (group queries), iou (IoU-aware
 class target), all (all three); `--set key=value` applies to every run (e.g. to shorten a budget).
 """
 from __future__ import annotations
