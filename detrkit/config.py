@@ -330,11 +330,30 @@ def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, values: dict
         if not (in_model or in_train):
             raise ValueError(f"{source}: unknown setting {key!r}; ModelConfig fields: {sorted(mf)}; "
                              f"TrainConfig fields: {sorted(tf)}")
-        (m if in_model else t)[name] = _coerce(ModelConfig if in_model else TrainConfig, name, value)
+        cls = ModelConfig if in_model else TrainConfig
+        value = _coerce(cls, name, value)
+        _check_type(cls, name, value, source)
+        (m if in_model else t)[name] = value
     try:
         return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # a value that contradicts another (hidden_dim vs nheads, ...)
         raise ValueError(f"{source}: {e}") from None
+
+
+def _check_type(cls, name: str, value: Any, source: str) -> None:
+    """A setting's value must have its field's type (an int for an int, a list for a list, ...)."""
+    ftype = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    if value is None:
+        ok = "None" in ftype
+    else:
+        kinds = {"bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+                 "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                 "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                 "list": lambda v: isinstance(v, list)}
+        bases = [o.strip().split("[")[0] for o in ftype.split("|")]
+        ok = any(kinds.get(b, lambda v: True)(value) for b in bases if b != "None")
+    if not ok:
+        raise ValueError(f"{source}: {name} must be {ftype.replace('|', 'or')}, got {value!r}")
 
 
 def load_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:

@@ -98,7 +98,7 @@ def _readable(paths: list[Path], loaded: collections.deque, failed: list, bar) -
         try:
             image = load_image(path)
         except Exception as e:  # report and go on: one bad file must not stop the run
-            reason = getattr(e, "problem", None) or str(e)
+            reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # MemoryError: ""
             log.error("skipping %s: %s", path, reason)
             failed.append((str(path), reason))
             bar.update(1)

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 
+from .argtypes import positive_int, probability
 from .device import add_device_argument
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ def register(subparsers) -> None:
                    help="detrkit run dir / .safetensors, authors' .pth, Hugging Face dir, or a published name")
     p.add_argument("--out", help="folder for annotated images")
     p.add_argument("--json", help="COCO-results JSON file (image_id, file_name, category_id, bbox xywh, score)")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
-    p.add_argument("--top-k", type=int, default=None, help="keep at most K detections per image")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threshold", type=probability, default=0.5, help="minimum score (default 0.5)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep at most K detections per image")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     add_device_argument(p)
     p.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
                    help="auto (default): bf16 where it is fast (CPUs with AMX, recent GPUs), else float32")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from ..argtypes import non_negative_int, positive_int
 from .synthetic import VARIANTS
 
 
@@ -46,14 +47,14 @@ def _run_synth(args: argparse.Namespace) -> int:
 def add_synth_command(data_sub) -> None:
     p = data_sub.add_parser("synth", help="write a synthetic shapes dataset (COCO JSON + images)")
     p.add_argument("out_dir", help="output folder: OUT_DIR/annotations.json and OUT_DIR/images/")
-    p.add_argument("--images", type=int, default=200, help="number of images (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    p.add_argument("--images", type=positive_int, default=200, help="number of images (default 200)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed; the same seed gives the same files")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="shapes",
                    help="shapes: 5 classes, ids 1-5; other: 3 different shapes, ids 3, 17, 90; hard: 4 classes, "
                         "1-9 objects of 10-120 px, random colours (either brighter), distractor lines")
-    p.add_argument("--min-side", type=int, default=None, help="smallest image side in pixels (default: "
+    p.add_argument("--min-side", type=positive_int, default=None, help="smallest image side in pixels (default: "
                    "192, hard: 224)")
-    p.add_argument("--max-side", type=int, default=None, help="largest image side in pixels (default 320)")
+    p.add_argument("--max-side", type=positive_int, default=None, help="largest image side in pixels (default 320)")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
     p.add_argument("--panoptic", action="store_true",
                    help="a panoptic set instead: stuff regions (sky, ground, stripes) under thing shapes; "
@@ -81,7 +82,7 @@ def add_check_command(data_sub) -> None:
                             description="Check annotations and images; exit status 1 when errors are found.")
     _dataset_arguments(p)
     p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
-    p.add_argument("--max-problems", type=int, default=20, help="list at most this many errors and warnings each")
+    p.add_argument("--max-problems", type=non_negative_int, default=20, help="list at most this many errors and warnings each")
     p.set_defaults(func=_run_check)
 
 

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..argtypes import non_negative_int, positive_float, positive_int
 from ..config import DEFAULT_PRESET, ModelConfig, build_configs
 from ..device import add_device_argument
 
@@ -42,6 +43,10 @@ def train_command(args: argparse.Namespace) -> int:
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
                    val_split=args.val_split, init_weights=args.weights, keep_class_names=args.keep_class_names)
+    if result.status == "nothing_to_do":
+        print(f"nothing to do: {result.run_dir} has already trained {result.step} steps, all its epochs and "
+              f"--max-steps allow; raise --epochs or --max-steps to train further")
+        return 0
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; continue with: detrkit train ... --out {args.out} --resume")
         return 0
@@ -133,10 +138,10 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="JSON or YAML file of settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float, help="stop after this long, evaluate and save")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--max-minutes", type=positive_float, help="stop after this long, evaluate and save")
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--backbone-weights", metavar="imagenet|none|PATH",
                    help="the backbone's start: torchvision's ImageNet weights (downloaded once into torch hub's "
                         "cache, hash-checked), none, or a ResNet state dict file (default: the preset's)")
@@ -147,7 +152,7 @@ def register(subparsers) -> None:
     p.add_argument("--keep-class-names", action="store_true",
                    help="with --weights: keep the head rows of classes whose names the checkpoint also has")
     add_device_argument(p)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.set_defaults(func=train_command)
 
     e = subparsers.add_parser("eval", help="COCO evaluation of saved weights")
@@ -155,21 +160,21 @@ def register(subparsers) -> None:
     e.add_argument("--data", required=True, help="annotations (COCO JSON, YOLO or VOC folder)")
     e.add_argument("--images", help="image folder (COCO JSON only)")
     e.add_argument("--split")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--batch-size", type=positive_int, default=4)
+    e.add_argument("--num-workers", type=non_negative_int, default=0)
     e.add_argument("--amp", choices=["none", "bf16"], default="none")
     e.add_argument("--out", help="write the metrics as JSON here")
     add_device_argument(e)
-    e.add_argument("--threads", type=int)
+    e.add_argument("--threads", type=positive_int)
     e.set_defaults(func=eval_command)
 
     j = subparsers.add_parser("main-job", help="synthetic data -> train detr-tiny on CPU -> evaluate -> figures")
     j.add_argument("--out", default="runs/main", help="run folder (default runs/main)")
-    j.add_argument("--minutes", type=float, default=15.0, help="total time budget (default 15)")
+    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget (default 15)")
     j.add_argument("--preset", default=DEFAULT_PRESET)
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
-    j.add_argument("--num-train", type=int, default=None)
-    j.add_argument("--num-val", type=int, default=None)
+    j.add_argument("--num-train", type=positive_int, default=None)
+    j.add_argument("--num-val", type=positive_int, default=None)
     j.add_argument("--set", action="append", metavar="KEY=VALUE")
-    j.add_argument("--threads", type=int)
+    j.add_argument("--threads", type=positive_int)
     j.set_defaults(func=main_job_command)

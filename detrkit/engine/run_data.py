@@ -108,6 +108,7 @@ def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig
     val_index = as_index(val_data, val_images_dir, val_split) if val_data is not None else None
     if not train_index.images:
         raise ValueError(f"{train_index.source}: the training set has no images")
+    train_index.require_boxes()
     model_cfg = model_cfg.with_classes(train_index.class_names, train_index.category_ids)
     if val_index is not None and val_index.category_ids != train_index.category_ids:
         log.warning("validation categories %s differ from training categories %s; evaluating on the "

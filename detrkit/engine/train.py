@@ -35,6 +35,7 @@ from .feature_cache import cache_part
 from .backbone_start import BackboneStart, backbone_start_part
 from .resume import Checkpointer
 from .run_data import coco_ground_truth, epoch_loader, load_run_data
+from .run_lock import RunLock
 from .run_log import RunLog
 from .schedule import lr_factor
 from .state import Plan, RunState
@@ -53,7 +54,7 @@ DIAGNOSE_IMAGES = 20  # validation images whose predicted boxes the end-of-run d
 @dataclass
 class TrainResult:
     run_dir: Path
-    status: str  # "completed", "max_steps", "max_minutes" or "interrupted"
+    status: str  # "completed", "max_steps", "max_minutes", "interrupted" or "nothing_to_do" (resumed, finished)
     step: int
     epoch: int  # epochs fully done
     metrics: dict[str, float] = field(default_factory=dict)  # last COCO evaluation (empty if none)
@@ -130,9 +131,24 @@ def train(
     main = dist_utils.rank() == 0
     dev = torch.device(device if not device.startswith("cuda") or not distributed
                        else f"cuda:{dist_utils.local_rank()}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier()
+    lock = RunLock.acquire(run_dir) if main else None  # one training per folder
+    try:
+        dist_utils.barrier()
+        return _run(run_dir, dev, distributed, budget, model_cfg, train_cfg, train_data, val_data, resume=resume,
+                    images_dir=images_dir, val_images_dir=val_images_dir, split=split, val_split=val_split,
+                    progress=progress, step_callback=step_callback, check_data=check_data,
+                    init_weights=init_weights, keep_class_names=keep_class_names)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget, model_cfg: ModelConfig,
+         train_cfg: TrainConfig, train_data, val_data, *, resume: bool, images_dir, val_images_dir, split,
+         val_split, progress: bool, step_callback, check_data: bool, init_weights, keep_class_names: bool
+         ) -> TrainResult:
+    """`train` inside the run folder's lock: assemble the parts, run the loop, finish."""
+    main = dist_utils.rank() == 0
     data = load_run_data(train_data, val_data, model_cfg, train_cfg, images_dir=images_dir,
                          val_images_dir=val_images_dir, split=split, val_split=val_split, check=check_data and main)
     model, model_cfg = _initial_model(data.model_cfg, train_cfg, dev, init_weights, keep_class_names)
@@ -146,6 +162,9 @@ def train(
     resumed = resume and checkpointer.exists()
     if resumed:
         checkpointer.restore(state)
+        if state.step >= state.total_steps:  # a finished run: say so, touch nothing
+            return TrainResult(run_dir, "nothing_to_do", state.step, state.epoch, state.metrics, state.best_ap, 0,
+                               state.skipped_steps, 0.0)
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
     run_log = RunLog(run_dir, progress, budget.clock)

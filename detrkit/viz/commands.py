@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..argtypes import positive_int, probability
 from ..device import add_device_argument
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,10 @@ def _image_figure_parser(sub, name: str, help_text: str, weights_help: str, exam
     p.add_argument("image", help="an image file")
     p.add_argument("--weights", required=True, help=weights_help)
     p.add_argument("--out", required=True, help=f"figure file, e.g. {example}")
-    p.add_argument("--threshold", type=float, default=threshold, help="detections scoring above this are shown")
-    p.add_argument("--max-detections", type=int, default=6)
+    p.add_argument("--threshold", type=probability, default=threshold, help="detections scoring above this are shown")
+    p.add_argument("--max-detections", type=positive_int, default=6)
     add_device_argument(p)
-    p.add_argument("--dpi", type=int, default=dpi)
+    p.add_argument("--dpi", type=positive_int, default=dpi)
     return p
 
 
@@ -109,15 +110,15 @@ def register(subparsers) -> None:
     q.add_argument("--split", help="dataset split (e.g. val2017)")
     q.add_argument("--out", required=True, help="figure file, e.g. queries.png")
     pick = q.add_mutually_exclusive_group()
-    pick.add_argument("--slots", type=int, default=20, help="show the N most used slots (default 20)")
+    pick.add_argument("--slots", type=positive_int, default=20, help="show the N most used slots (default 20)")
     pick.add_argument("--slot-ids", type=_parse_ids, help="show these slots (0-based), e.g. 1,5,9")
-    q.add_argument("--threshold", type=float, default=0.5, help="a slot 'fires' when its score is above this")
-    q.add_argument("--small-area", type=float, default=0.1,
+    q.add_argument("--threshold", type=probability, default=0.5, help="a slot 'fires' when its score is above this")
+    q.add_argument("--small-area", type=probability, default=0.1,
                    help="boxes covering less than this fraction of the image are 'small' (default 0.1)")
-    q.add_argument("--min-score", type=float, default=None,
+    q.add_argument("--min-score", type=probability, default=None,
                    help="plot only boxes scoring above this (default: every image's box, as in the paper)")
-    q.add_argument("--max-images", type=int, default=None, help="use at most N images")
-    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--max-images", type=positive_int, default=None, help="use at most N images")
+    q.add_argument("--batch-size", type=positive_int, default=4)
     add_device_argument(q)
     q.set_defaults(func=run_queries)
 
@@ -135,5 +136,5 @@ def register(subparsers) -> None:
     c.add_argument("run_dir", help="a run folder holding metrics.jsonl (or the file itself)")
     c.add_argument("--out", required=True, help="figure file, e.g. curves.png")
     c.add_argument("--title", help="figure title (default: the run folder's name)")
-    c.add_argument("--dpi", type=int, default=130)
+    c.add_argument("--dpi", type=positive_int, default=130)
     c.set_defaults(func=run_curves)

@@ -112,7 +112,7 @@ def load_authors_panoptic(path: str | Path, dilation: bool | None = None
                           ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """An authors' panoptic `.pth` ({"model": state_dict}) without executing pickled code."""
     path = Path(path)
-    sd = authors.read_state_dict(path)
+    _, sd = authors.read_pth(path)
     if not isinstance(sd, dict) or "detr.class_embed.weight" not in sd or not is_panoptic(sd):
         raise ValueError(f"{path}: not a DETR panoptic checkpoint (no detr.class_embed.weight and mask head)")
     if dilation is None:
