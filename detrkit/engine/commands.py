@@ -41,6 +41,7 @@ def train_command(args: argparse.Namespace) -> int:
         args.preset, args.config, args.set, epochs=args.epochs, max_minutes=args.max_minutes,
         max_steps=args.max_steps, batch_size=args.batch_size,
         amp=None if args.precision == "auto" else amp_of(args.precision, args.device),
+        backbone_weights=args.backbone_weights,
     )
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
@@ -60,6 +61,10 @@ def train_command(args: argparse.Namespace) -> int:
           f"{f', best: {best}' if best.exists() else ''}; --weights {result.run_dir} takes the best)")
     if result.bad_samples:
         print(f"{result.bad_samples} bad samples skipped, listed in {result.run_dir / 'bad_samples.jsonl'}")
+    if result.stop_reason:
+        print(result.stop_reason)
+    if result.diagnosis and not result.diagnosis.get("ok", True):
+        print(result.diagnosis["text"])
     return 0
 
 
@@ -181,6 +186,9 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
     p.add_argument("--weights", help="fine-tune from these weights, the class head re-initialised for the dataset: "
                                      + WEIGHTS_HELP)
+    p.add_argument("--backbone-weights", metavar="imagenet|none|PATH",
+                   help="the backbone's start: torchvision's ImageNet weights (downloaded once into torch hub's "
+                        "cache, hash-checked), none, or a ResNet state dict file (default: the preset's)")
     p.add_argument("--keep-class-names", action="store_true",
                    help="with --weights: keep the head rows of classes whose names the checkpoint also has")
     p.add_argument("--no-plots", action="store_true",
