@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
 from . import authors, huggingface
+from .native import require_fit
+from .safe_load import load_weights_only
 from .coco_names import COCO_CATEGORIES
 
 DETR_PREFIX = "detr."
@@ -112,17 +114,16 @@ def load_authors_panoptic(path: str | Path, dilation: bool | None = None
                           ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """An authors' panoptic `.pth` ({"model": state_dict}) without executing pickled code."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or foreign pickles
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
+    ckpt = load_weights_only(path)  # one line naming the file when it is damaged or asks to run code
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "detr.class_embed.weight" not in sd or not is_panoptic(sd):
         raise ValueError(f"{path}: not a DETR panoptic checkpoint (no detr.class_embed.weight and mask head)")
     if dilation is None:
         dilation = "dc5" in path.name.lower()
     sd = from_authors_panoptic(sd)
-    return sd, infer_panoptic_config(sd, dilation)
+    cfg = infer_panoptic_config(sd, dilation)
+    require_fit(path, sd, cfg)
+    return sd, cfg
 
 
 # ---- Hugging Face DetrForSegmentation ----------------------------------------------------------
