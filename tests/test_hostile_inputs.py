@@ -537,12 +537,12 @@ def test_a_second_live_run_into_the_same_folder_is_refused_a_stale_lock_taken_ov
 
 
 def _disk_fills_after(monkeypatch, good_writes: int) -> None:
-    """The checkpoint writer succeeds `good_writes` times, then the disk is full half way through a file."""
+    """The atomic writer succeeds `good_writes` times, then the disk is full half way through a file."""
     import errno
 
-    from detrkit.engine import checkpoint
+    from detrkit import atomic
 
-    real, calls = checkpoint._write_file, []
+    real, calls = atomic._write, []
 
     def write(path, payload):
         calls.append(path)
@@ -552,7 +552,7 @@ def _disk_fills_after(monkeypatch, good_writes: int) -> None:
             f.write(payload[: len(payload) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "_write_file", write)
+    monkeypatch.setattr(atomic, "_write", write)
 
 
 def test_full_disk_one_line_naming_the_path_keeps_the_previous_checkpoint_no_temp_files(tmp_path, monkeypatch,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..argtypes import positive_float, positive_int
+from ..device import add_device_argument
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def predict_panoptic_files(detector, paths: Sequence[Path], out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from ..data.images import load_image
-    from ..predict_command import image_ids_for
+    from ..predict import image_ids_for
     from ..viz.panoptic import draw_panoptic
 
     out = Path(out_dir)
@@ -112,7 +113,7 @@ def add_train_masks_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=25, help="default 25 (the paper)")
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--max-minutes", type=positive_float)
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.set_defaults(func=train_masks_command)
     return p
 
