@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
 def test_frozen_stage_trains_only_the_head_then_joint(setup):
     root, train_json, val_json = setup
     res = train_mask_head(root / "detector", train_json, val_json, root / "stage2", max_steps=3, batch_size=3,
-                          lr=1e-3, progress=False, eval_threshold=0.0)
+                          lr=1e-3, progress=False, eval_threshold=0.0, amp=True)  # frozen detector in bf16
     assert res.steps == 3
     before, _ = load_native(root / "detector")
     after, cfg = load_native(root / "stage2" / "final")

@@ -97,9 +97,10 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
                     warmup_steps: int = 0, weight_decay: float = 1e-4, clip_max_norm: float = 0.1,
                     scales: list[int] | None = None, max_size: int | None = None, hflip: bool = True,
                     seed: int = 42, device: str = "cpu", progress: bool = True,
-                    eval_threshold: float = PANOPTIC_THRESHOLD) -> MaskHeadResult:
+                    eval_threshold: float = PANOPTIC_THRESHOLD, amp: bool = False) -> MaskHeadResult:
     """Train the mask head of `weights` (a box detector, or a panoptic model to continue) on a COCO
-    panoptic set. Leaves out_dir/final (native panoptic weights), metrics.jsonl and metrics.json (PQ)."""
+    panoptic set. Leaves out_dir/final (native panoptic weights), metrics.jsonl and metrics.json (PQ).
+    amp: run the frozen detector under bf16 autocast (the head itself trains in float32)."""
     t0 = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,8 +149,12 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
                 model.detr.eval()  # frozen: no dropout, as at inference
             images = [im.to(dev) for im in images]
             targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with torch.set_grad_enabled(joint):
+            with torch.set_grad_enabled(joint), torch.autocast(dev.type, torch.bfloat16, enabled=amp and not joint):
                 outputs, state = model.detect(images)
+            if amp and not joint:  # the head and the matcher in float32
+                outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
+                state = {k: ([t.float() for t in v] if isinstance(v, list) else v.float() if v.is_floating_point()
+                             else v) for k, v in state.items()}
             indices = matcher(outputs, targets)
             queries, tgt_idx = _matched_queries(indices, dev)
             pred_masks = model.predict_masks(state, queries)
