@@ -159,11 +159,12 @@ def make_synthetic_panoptic(out_dir: str | os.PathLike, num_images: int = 200, s
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "panoptic").mkdir(parents=True, exist_ok=True)
     jobs = [(out, i, seed, image_size, image_format, max_things) for i in range(num_images)]
-    workers = workers if workers is not None else (os.cpu_count() or 1) if num_images >= 200 else 1
-    if workers > 1:
-        import multiprocessing
+    import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    workers = workers if workers is not None else (os.cpu_count() or 1) if num_images >= 200 else 1
+    # fork (as DataLoader workers): a caller's script needs no __main__ guard; elsewhere, one process
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
             done = pool.map(_write_one, jobs, chunksize=32)
     else:
         done = [_write_one(j) for j in jobs]
