@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .argtypes import non_negative_int, positive_int
+
 logger = logging.getLogger(__name__)
 
 COCO128 = Path("/work/shared/data/coco128")
@@ -742,13 +744,13 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", default="detr-r50", help="inference model (default detr-r50)")
     p.add_argument("--weights", default=None, help="weights for the inference model (default: random init)")
-    p.add_argument("--size", type=int, nargs=2, default=list(INFER_SIZE), metavar=("H", "W"))
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="inference batch sizes (default 1 4)")
+    p.add_argument("--size", type=positive_int, nargs=2, default=list(INFER_SIZE), metavar=("H", "W"))
+    p.add_argument("--batches", type=positive_int, nargs="+", default=None, help="inference batch sizes (default 1 4)")
     p.add_argument("--train-preset", default="detr-tiny")
-    p.add_argument("--train-batch", type=int, default=None, help="default: the preset's batch size")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--runs", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads")
+    p.add_argument("--train-batch", type=positive_int, default=None, help="default: the preset's batch size")
+    p.add_argument("--warmup", type=non_negative_int, default=None)
+    p.add_argument("--runs", type=positive_int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch / ONNX Runtime threads")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row")

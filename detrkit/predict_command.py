@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from .argtypes import positive_int, probability
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -124,7 +126,7 @@ def predict_files(detector: Any, paths: Sequence[Path], *, out_dir: str | Path |
                 try:
                     batch.append((i, load_image(paths[i])))
                 except Exception as e:  # report and go on: one bad file must not stop the run
-                    reason = getattr(e, "problem", None) or str(e)
+                    reason = getattr(e, "problem", None) or str(e) or type(e).__name__  # MemoryError: ""
                     log.error("skipping %s: %s", paths[i], reason)
                     failed.append((str(paths[i]), reason))
                     bar.update(1)
@@ -188,9 +190,9 @@ def register(subparsers) -> None:
                    help="detrkit run dir / .safetensors, authors' .pth, Hugging Face dir, or a published name")
     p.add_argument("--out", help="folder for annotated images")
     p.add_argument("--json", help="COCO-results JSON file (image_id, file_name, category_id, bbox xywh, score)")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
-    p.add_argument("--top-k", type=int, default=None, help="keep at most K detections per image")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threshold", type=probability, default=0.5, help="minimum score (default 0.5)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep at most K detections per image")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
                    help="auto (default): bf16 where it is fast (CPUs with AMX, recent GPUs), else float32")

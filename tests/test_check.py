@@ -123,7 +123,9 @@ def test_check_cli(tmp_path, capsys):
     bad = write_coco(tmp_path / "bad", [("x.jpg", 20, 20)], [(0, 1, [1, 1, -5, 5], 0)])
     assert cli_main(["data", "check", str(bad), "--no-decode"]) == 1
     out = capsys.readouterr().out
-    assert "annotation id 1: bbox has negative size" in out and "Result: 1 error(s)" in out
+    # its only box is dropped, so no image has a box left: a second error
+    assert "annotation id 1: bbox has negative size" in out and "Result: 2 error(s)" in out
+    assert "no image has a box" in out
     assert cli_main(["data", "check", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: no such file or folder" in capsys.readouterr().out
 

@@ -20,7 +20,7 @@ from detrkit.data.images import ImageError, image_size, load_image
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord
 from detrkit.data.synthetic import make_synthetic
 from detrkit.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, NormalizeBoxes, RandomShortSideResize, RandomSizeCrop, eval_transforms,
+    IMAGENET_MEAN, IMAGENET_STD, MIN_SIDE, NormalizeBoxes, RandomShortSideResize, RandomSizeCrop, eval_transforms,
     make_target, make_transforms, resize_for_inference, resized_shape, train_transforms,
 )
 from detrkit.config import get_preset
@@ -181,7 +181,7 @@ def test_large_images_load_with_warning_up_to_a_cap(tmp_path, monkeypatch, caplo
     assert any("very large" in r.getMessage() and "big.png" in r.getMessage() for r in caplog.records)
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored
     monkeypatch.setattr(images_mod, "MAX_PIXELS", 5000)
-    with pytest.raises(ImageError, match="big.png.*exceeds"):
+    with pytest.raises(ImageError, match="big.png.*decompression bomb.*100x80"):
         load_image(p)
 
 
@@ -324,6 +324,9 @@ def test_resized_shape_follows_the_authors_rule():
     rng = np.random.default_rng(0)
     for h, w in rng.integers(10, 3000, (200, 2)):
         oh, ow = resized_shape(int(h), int(w), 800, 1333)
+        if min(oh, ow) == MIN_SIDE:  # too thin for the rule (short side < 16 px): floored, stretched
+            assert round(1333 * min(h, w) / max(h, w)) < MIN_SIDE and max(oh, ow) == 1333
+            continue
         assert abs(oh / ow - h / w) <= (h / w) / min(oh, ow) + 1e-9  # aspect kept to a pixel
         if min(oh, ow) != 800:  # capped: the longer side is at the limit, to rounding
             assert abs(max(oh, ow) - 1333) <= max(h, w) / min(h, w) + 1

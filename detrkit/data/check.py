@@ -29,9 +29,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from detrkit.argtypes import non_negative_int
 from detrkit.data.formats import detect_format, load_annotations
-from detrkit.data.images import ImageError, image_size, load_image
+from detrkit.data.images import ImageError, image_size, load_image, resolved
 from detrkit.data.index import DatasetIndex, Problem
+from detrkit.data.transforms import MIN_SIDE
 from detrkit.data.yolo import IMAGE_SUFFIXES, label_path_for
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ LARGE_AREA = 96 ** 2
 _TOLERANCE = 1.0  # pixels a box may poke out of its image (float rounding in tools) before it counts
 # a share of boxes above this that only fit the image when read as corners -> an error, not a warning
 _XYXY_ERROR_SHARE = 0.2
+# long side / short side above this is called out: such an image cannot be resized keeping its shape
+MAX_ASPECT_RATIO = 20.0
 
 
 @dataclass
@@ -160,13 +164,13 @@ def _check_images(index: DatasetIndex, report: CheckReport, decode: bool,
 
 def _unlisted_images(index: DatasetIndex) -> list[Problem]:
     """Image files in the dataset's image folders that no annotation entry lists."""
-    listed = {im.file.resolve() for im in index.images}
+    listed = {resolved(im.file) for im in index.images}
     out = []
     for folder in sorted({im.file.parent for im in index.images}):
         if not folder.is_dir():
             continue
         extra = sorted(p.name for p in folder.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in listed)
+                       if p.suffix.lower() in IMAGE_SUFFIXES and resolved(p) not in listed)
         if extra:
             out.append(Problem("warning", str(folder),
                                f"{len(extra)} image file(s) have no annotation entry "
@@ -250,6 +254,21 @@ def _check_boxes(index: DatasetIndex, fmt: str, report: CheckReport, sizes: dict
     report.images_without_boxes = len(images) - report.images_with_boxes
 
 
+def _extreme_shapes(index: DatasetIndex, sizes: dict[int, tuple[int, int]]) -> list[Problem]:
+    """Images so thin that the network sees little of them (the short side may be floored)."""
+    out = []
+    for im in index.images:
+        w, h = sizes.get(im.id, (im.width, im.height))
+        if not w or not h:
+            continue
+        ratio = max(w, h) / min(w, h)
+        if ratio > MAX_ASPECT_RATIO:
+            out.append(Problem("warning", str(im.file),
+                               f"extreme aspect ratio {w}x{h} ({ratio:.0f}:1): at the network's input size its "
+                               f"short side is a few pixels (floored at {MIN_SIDE} px, stretching it)"))
+    return out
+
+
 def _duplicate_ids(index: DatasetIndex) -> list[Problem]:
     out = []
     for what, ids in (("image", [im.id for im in index.images]), ("annotation", [a.id for a in index.annotations])):
@@ -301,7 +320,8 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     # the COCO reader names images it cannot find; do not report them a second time
     reported_missing = {
         im.id for im in index.images
-        for p in index.problems if p.where.endswith(f"image id {im.id}") and "not found" in p.message
+        for p in index.problems if p.where.endswith(f"image id {im.id}")
+        and ("not found" in p.message or "unreadable:" in p.message)
     } if fmt == "coco" and index.problems else set()
     for p in index.problems:
         report.add(p)
@@ -310,6 +330,11 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
     report.num_images = len(index.images)
     sizes = _check_images(index, report, decode_images, reported_missing)
     _check_boxes(index, fmt, report, sizes)
+    no_boxes = index.no_box_message()
+    if no_boxes:
+        report.add(Problem("error", str(index.source), no_boxes.split(": ", 1)[1]))
+    for p in _extreme_shapes(index, sizes):
+        report.add(p)
     if fmt == "coco":
         from .panoptic_check import instance_mask_problems
 
@@ -331,7 +356,7 @@ def add_check_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
     p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
     p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
-    p.add_argument("--max-problems", type=int, default=20, help="list at most this many errors and warnings each")
+    p.add_argument("--max-problems", type=non_negative_int, default=20, help="list at most this many errors and warnings each")
     p.set_defaults(func=check_command)
     return p
 

@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+from .images import missing_reason, resolved
 from .index import Annotation, DatasetIndex, ImageRecord, Problem
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _resolve_image(file_name: str, json_path: Path, images_dir: Path | None) -> 
     candidates += [d / rel for d in _split_dirs(json_path)]
     for c in candidates:
         if c.is_file():
-            return c.resolve()
+            return resolved(c)
     return None
 
 
@@ -147,9 +148,12 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
         path = _resolve_image(str(im["file_name"]), json_path, images_dir)
         if path is None:
             missing_files += 1
-            guess = _image_candidates(str(im["file_name"]), json_path.parent, images_dir)[0]
-            path = guess.resolve()
-            problems.append(Problem("error", f"{where} image id {iid}", f"image file {im['file_name']!r} not found"))
+            cands = _image_candidates(str(im["file_name"]), json_path.parent, images_dir)
+            guess = next((c for c in cands if c.is_symlink()), cands[0])  # a loop or broken link: name it
+            path = resolved(guess)
+            reason = missing_reason(guess)
+            reason = "not found" if reason == "file not found" else f"unreadable: {reason}"
+            problems.append(Problem("error", f"{where} image id {iid}", f"image file {im['file_name']!r} {reason}"))
         w, h = im.get("width"), im.get("height")
         images[iid] = ImageRecord(iid, path, int(w) if w else None, int(h) if h else None)
     if missing_files:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from ..argtypes import non_negative_int, positive_int
 from .synthetic import VARIANTS
 
 
@@ -46,12 +47,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 def add_synth_command(data_sub) -> None:
     p = data_sub.add_parser("synth", help="write a synthetic shapes dataset (COCO JSON + images)")
     p.add_argument("out_dir", help="output folder: OUT_DIR/annotations.json and OUT_DIR/images/")
-    p.add_argument("--images", type=int, default=200, help="number of images (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    p.add_argument("--images", type=positive_int, default=200, help="number of images (default 200)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed; the same seed gives the same files")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="shapes",
                    help="shapes: 5 classes, ids 1-5; other: 3 different shapes, ids 3, 17, 90")
-    p.add_argument("--min-side", type=int, default=192, help="smallest image side in pixels")
-    p.add_argument("--max-side", type=int, default=320, help="largest image side in pixels")
+    p.add_argument("--min-side", type=positive_int, default=192, help="smallest image side in pixels")
+    p.add_argument("--max-side", type=positive_int, default=320, help="largest image side in pixels")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
     p.add_argument("--panoptic", action="store_true",
                    help="a panoptic set instead: stuff regions (sky, ground, stripes) under thing shapes; "

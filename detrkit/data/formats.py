@@ -102,6 +102,7 @@ def convert(path: str | os.PathLike, out_json: str | os.PathLike, split: str | N
     reader rejected (its `problems`) are not written. Returns the index that was written.
     """
     index = load_annotations(path, split, images_dir)
+    index.require_boxes()  # an empty conversion is a wrong answer, not a result
     out = save_coco(index, out_json)
     n_err = sum(p.severity == "error" for p in index.problems)
     log.info("wrote %s: %d images, %d annotations, %d categories%s", out, len(index.images),

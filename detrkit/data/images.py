@@ -6,6 +6,7 @@ Every failure is an `ImageError` that names the file and says what is wrong with
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -17,8 +18,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 # Pillow refuses images above ~179 Mpx as decompression bombs; real datasets (aerial, slide scans)
-# have such images, so we load them with a warning and only refuse absurd sizes.
-MAX_PIXELS = 1_500_000_000
+# have such images, so we load them with a warning up to MAX_PIXELS and refuse larger ones from the
+# header, before any pixel is decoded: a small PNG can declare billions of pixels, and decoding one
+# of 1 Gpx takes several GB. DETRKIT_MAX_IMAGE_PIXELS raises (or lowers) the limit.
+MAX_PIXELS = int(float(os.environ.get("DETRKIT_MAX_IMAGE_PIXELS", 256_000_000)))
 _PILLOW_WARN_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # EXIF orientations 5..8 swap width and height
@@ -37,9 +40,30 @@ class ImageError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+def resolved(path: str | os.PathLike) -> Path:
+    """`path.resolve()`, or the absolute path when a symlink loop makes it unresolvable."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # RuntimeError: "Symlink loop" (Python < 3.13)
+        return Path(os.path.abspath(path))
+
+
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why an existing-looking name cannot be opened: a symlink loop, a broken link, or not found."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "symlink loop (too many levels of symbolic links)"
+            return f"broken symlink to {os.readlink(path)}"
+    return "file not found"
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise ImageError(path, "file not found")
+        raise ImageError(path, missing_reason(path))
     if not path.is_file():
         raise ImageError(path, "not a regular file")
     if path.stat().st_size == 0:
@@ -65,7 +89,9 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(path, f"invalid image size {w}x{h}")
     if w * h > MAX_PIXELS:
         im.close()
-        raise ImageError(path, f"image of {w}x{h} = {w * h / 1e6:.0f} Mpx exceeds the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+        raise ImageError(path, f"refused as a possible decompression bomb: its header declares {w}x{h} = "
+                               f"{w * h / 1e6:.0f} Mpx, above the {MAX_PIXELS / 1e6:.0f} Mpx limit (not decoded; "
+                               f"set DETRKIT_MAX_IMAGE_PIXELS to allow larger images)")
     if w * h > _PILLOW_WARN_PIXELS:
         log.warning("%s: very large image (%dx%d = %.0f Mpx); loading it anyway", path, w, h, w * h / 1e6)
     return im
@@ -152,4 +178,6 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         rgb = _to_rgb(im)
     except (OSError, ValueError) as e:
         raise ImageError(path, f"cannot convert image (mode {im.mode}) to RGB: {e}") from e
+    except MemoryError as e:
+        raise ImageError(path, f"not enough memory to convert the {im.width}x{im.height} image to RGB") from e
     return rgb

@@ -61,6 +61,27 @@ class DatasetIndex:
         """Dataset category id -> contiguous class index 0..C-1 (sorted by id)."""
         return {cid: i for i, (cid, _) in enumerate(self.categories)}
 
+    @property
+    def num_boxes(self) -> int:
+        """Boxes that can be learnt or scored: not crowd regions, on a listed image."""
+        ids = {im.id for im in self.images}
+        return sum(1 for a in self.annotations if not a.iscrowd and a.image_id in ids)
+
+    def no_box_message(self) -> str | None:
+        """None when some image has a box; else why the set has nothing to learn or score."""
+        if not self.images or self.num_boxes:
+            return None
+        crowd = sum(1 for a in self.annotations if a.iscrowd)
+        return (f"{self.source}: no image has a box ({len(self.images)} images, 0 boxes"
+                f"{f', {crowd} crowd regions only' if crowd else ''}): there is nothing to learn or score. "
+                "Are the labels where the reader looks for them? (`detrkit data check` lists them)")
+
+    def require_boxes(self) -> None:
+        """Raise ValueError when no image has a box (training on it would learn "no object" only)."""
+        message = self.no_box_message()
+        if message:
+            raise ValueError(message)
+
     def annotations_by_image(self) -> dict[int, list[Annotation]]:
         by_image: dict[int, list[Annotation]] = {im.id: [] for im in self.images}
         for ann in self.annotations:
@@ -70,10 +91,12 @@ class DatasetIndex:
     def to_coco(self, relative_to: Path | None = None) -> dict:
         """COCO instances JSON (file_name relative to `relative_to` when given, with ../ where the image
         lies outside it, so a dataset folder moved or copied whole keeps working)."""
+        from .images import resolved
+
         def name(p: Path) -> str:
             if relative_to is not None:
                 try:
-                    return os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())
+                    return os.path.relpath(resolved(p), resolved(relative_to))
                 except ValueError:  # another drive (Windows): no relative path exists
                     pass
             return str(p)

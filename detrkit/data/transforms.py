@@ -22,6 +22,9 @@ from torchvision.transforms.v2._utils import query_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# the shortest side an image is resized to: the authors' rule gives 0 px for very thin images (10000x10
+# at 1333 px), which no resize can produce; 16 px keeps a little content in the one feature cell
+MIN_SIDE = 16
 
 
 def resized_shape(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
@@ -32,10 +35,19 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
     rounding included (very elongated images can end a few pixels past `max_size`, as in the reference),
     so evaluation sizes match the authors'.
     """
+    if min(height, width) < 1:
+        raise ValueError(f"cannot resize an image of {width}x{height} pixels")
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
             size = int(round(max_size * short / long))
+    floor = min(MIN_SIDE, max_size) if max_size is not None else 0
+    if size < floor:
+        # too thin for the rule (e.g. 10000x10 -> a short side of 1 px, a feature map of 0 cells): the
+        # short side is floored and the long side capped, stretching the image; boxes are relative, so
+        # predictions still map back onto the original
+        long_side = min(int(floor * max(height, width) / min(height, width)), max(max_size or 0, floor))
+        return (floor, long_side) if height <= width else (long_side, floor)
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

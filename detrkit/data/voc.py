@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detrkit.data.images import ImageError, image_size
+from detrkit.data.images import ImageError, image_size, resolved
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord, Problem
 from detrkit.data.yolo import IMAGE_SUFFIXES
 
@@ -196,7 +196,7 @@ def load_voc(path: str | Path, split: str | None = None) -> DatasetIndex:
         if p is None:
             continue
         image_id = len(images) + 1
-        img = _find_image(img_dir, xml, p.filename).resolve()
+        img = resolved(_find_image(img_dir, xml, p.filename))
         width, height = p.width, p.height
         if width is None or height is None:
             try:  # <size> absent or zero (some tools write 0): take it from the image file

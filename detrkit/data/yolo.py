@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
-from detrkit.data.images import ImageError, image_size
+from detrkit.data.images import ImageError, image_size, resolved
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord, Problem
 
 log = logging.getLogger(__name__)
@@ -217,15 +218,15 @@ def _parse_label_file(label: Path, width: int, height: int, names: dict[int, str
 
 def _orphan_labels(images: list[Path], label_dirs: list[Path]) -> list[Path]:
     """Label files under `label_dirs` (and beside the images) that no image refers to."""
-    wanted = {label_path_for(p).resolve() for p in images}
+    wanted = {resolved(label_path_for(p)) for p in images}
     found: set[Path] = set()
     for d in label_dirs:
         if d.is_dir():
-            found.update(t.resolve() for t in d.rglob("*.txt"))
+            found.update(resolved(t) for t in d.rglob("*.txt"))
     for p in images:
         d = label_path_for(p).parent
         if d.is_dir():
-            found.update(t.resolve() for t in d.glob("*.txt"))
+            found.update(resolved(t) for t in d.glob("*.txt"))
     return sorted(t for t in found if t.name not in _CLASS_LIST_FILES and t not in wanted)
 
 
@@ -251,14 +252,16 @@ def load_yolo(path: str | Path, split: str | None = None) -> DatasetIndex:
     else:
         image_files, names, label_dirs = _from_folder(path, split, problems)
 
-    # the same file may be listed by two splits; keep the first
+    # the same file may be listed by two splits; keep the first. Paths stay as the user wrote them
+    # (symlinks unresolved): the label of images/x.jpg is labels/x.txt beside the link, not beside
+    # wherever the link points
     seen: set[Path] = set()
     unique = []
     for p in image_files:
-        r = p.resolve()
+        r = resolved(p)
         if r not in seen:
             seen.add(r)
-            unique.append(r)
+            unique.append(Path(os.path.abspath(p)))
 
     images: list[ImageRecord] = []
     anns: list[Annotation] = []
@@ -279,6 +282,13 @@ def load_yolo(path: str | Path, split: str | None = None) -> DatasetIndex:
             used_classes.add(cls)
             anns.append(Annotation(id=len(anns) + 1, image_id=image_id, category_id=cls, bbox=box,
                                    area=box[2] * box[3]))
+    labelled = sum(1 for img in unique if label_path_for(img).is_file())
+    if unique and not labelled:
+        where = sorted({str(label_path_for(img).parent) for img in unique})
+        problems.append(Problem("error", str(path),
+                                f"no label files: none of the {len(unique)} images has a .txt label in "
+                                f"{', '.join(where[:3])}{' ...' if len(where) > 3 else ''} (labels are looked "
+                                f"for by replacing the last 'images' folder of the image path with 'labels')"))
     for orphan in _orphan_labels(unique, label_dirs):
         problems.append(Problem("warning", str(orphan), "label file without a matching image"))
 

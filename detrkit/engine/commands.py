@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..argtypes import non_negative_int, positive_float, positive_int
 from ..config import ModelConfig, TrainConfig, get_preset
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,38 @@ def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, values: dict
         if not (in_model or in_train):
             raise ValueError(f"{source}: unknown setting {key!r}; ModelConfig fields: {sorted(mf)}; "
                              f"TrainConfig fields: {sorted(tf)}")
+        _check_type(ModelConfig if in_model else TrainConfig, name, value, source)
         (m if in_model else t)[name] = value
-    return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
+    try:
+        return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
+    except (TypeError, ValueError) as e:  # a value that contradicts another (hidden_dim vs nheads, ...)
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _check_type(cls, name: str, value: Any, source: str) -> None:
+    """A setting's value must have its field's type (an int for an int, a list for a list, ...)."""
+    ftype = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    options = [o.strip() for o in ftype.split("|")]
+    if value is None:
+        ok = "None" in options
+    else:
+        ok = False
+        for o in options:
+            base = o.split("[")[0]
+            if base == "bool":
+                ok |= isinstance(value, bool)
+            elif base == "int":
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            elif base == "float":
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif base == "str":
+                ok |= isinstance(value, str)
+            elif base == "list":
+                ok |= isinstance(value, list)
+            else:
+                ok = True  # a type this check does not know: left to the config class
+    if not ok:
+        raise ValueError(f"{source}: {name} must be {ftype.replace('|', 'or')}, got {value!r}")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -143,6 +174,10 @@ def train_command(args: argparse.Namespace) -> int:
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
                    val_split=args.val_split, init_weights=args.weights, keep_class_names=args.keep_class_names)
+    if result.status == "nothing_to_do":
+        print(f"nothing to do: {result.run_dir} has already trained {result.step} steps, all its epochs and "
+              f"--max-steps allow; raise --epochs or --max-steps to train further")
+        return 0
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; continue with: detrkit train ... --out {args.out} --resume")
         return 0
@@ -195,6 +230,8 @@ def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=No
 
     model, cfg = load_weights(weights)
     index = as_index(data, images_dir, split)
+    if index.no_box_message():
+        log.warning("%s; every AP below is -1 (undefined), not a score", index.no_box_message())
     missing = set(index.category_ids) - set(cfg.category_ids)
     if missing:
         log.warning("%s: categories %s are not known to the model (it knows %s)", index.source,
@@ -268,10 +305,10 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="JSON or YAML file of settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float, help="stop after this long, evaluate and save")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--max-minutes", type=positive_float, help="stop after this long, evaluate and save")
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--amp", choices=["none", "bf16"])
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--weights", help="fine-tune from these weights (published name, native, authors' .pth or "
@@ -279,7 +316,7 @@ def register(subparsers) -> None:
     p.add_argument("--keep-class-names", action="store_true",
                    help="with --weights: keep the head rows of classes whose names the checkpoint also has")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.set_defaults(func=train_command)
 
     e = subparsers.add_parser("eval", help="COCO evaluation of saved weights")
@@ -287,21 +324,21 @@ def register(subparsers) -> None:
     e.add_argument("--data", required=True, help="annotations (COCO JSON, YOLO or VOC folder)")
     e.add_argument("--images", help="image folder (COCO JSON only)")
     e.add_argument("--split")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--batch-size", type=positive_int, default=4)
+    e.add_argument("--num-workers", type=non_negative_int, default=0)
     e.add_argument("--amp", choices=["none", "bf16"], default="none")
     e.add_argument("--out", help="write the metrics as JSON here")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    e.add_argument("--threads", type=int)
+    e.add_argument("--threads", type=positive_int)
     e.set_defaults(func=eval_command)
 
     j = subparsers.add_parser("main-job", help="synthetic data -> train detr-tiny on CPU -> evaluate -> figures")
     j.add_argument("--out", default="runs/main", help="run folder (default runs/main)")
-    j.add_argument("--minutes", type=float, default=15.0, help="total time budget (default 15)")
+    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget (default 15)")
     j.add_argument("--preset", default="detr-tiny")
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
-    j.add_argument("--num-train", type=int, default=None)
-    j.add_argument("--num-val", type=int, default=None)
+    j.add_argument("--num-train", type=positive_int, default=None)
+    j.add_argument("--num-val", type=positive_int, default=None)
     j.add_argument("--set", action="append", metavar="KEY=VALUE")
-    j.add_argument("--threads", type=int)
+    j.add_argument("--threads", type=positive_int)
     j.set_defaults(func=main_job_command)

@@ -239,6 +239,14 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_fn, worker_init_fn=_ignore_signals if num_workers else None)
     evaluator = CocoEvaluator(coco_gt)
+    shared = set(category_ids) & set(evaluator.category_names)
+    unknown = [c for c in category_ids if c not in evaluator.category_names]
+    if unknown:
+        # a model trained on other ids (or a subset of the data's): score the classes both know
+        log.warning("the model's category ids %s are not in the ground truth: their detections are left out; "
+                    "evaluating the %d shared categories %s", unknown, len(shared), sorted(shared))
+        if not shared:
+            log.warning("the model and the ground truth share no category id: every AP is -1 or 0, not a score")
     was_training = model.training
     model.eval()
     runner = _inference_runner(model, amp)
@@ -253,8 +261,10 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
             images = [im.to(device, non_blocking=True) for im in images]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and runner is model):
                 outputs = runner(images, batch_invariant=True)
-            evaluator.add(predictions_to_coco_results(outputs, targets, category_ids),
-                          image_ids=[int(t["image_id"]) for t in targets])
+            records = predictions_to_coco_results(outputs, targets, category_ids)
+            if unknown:
+                records = [r for r in records if r["category_id"] in shared]
+            evaluator.add(records, image_ids=[int(t["image_id"]) for t in targets])
             if should_stop is not None and should_stop():
                 raise EvaluationInterrupted("evaluation stopped by a signal")
     finally:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..config import ModelConfig, TrainConfig
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, load_latest, save_run_checkpoint
+from .run_lock import RunLock
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    status: str  # "completed", "max_steps", "max_minutes" or "interrupted"
+    status: str  # "completed", "max_steps", "max_minutes", "interrupted" or "nothing_to_do" (resumed, finished)
     step: int
     epoch: int  # epochs fully done
     metrics: dict[str, float] = field(default_factory=dict)  # last COCO evaluation (empty if none)
@@ -149,9 +150,10 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors whatever map_location moved the checkpoint's tensors to
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -243,8 +245,7 @@ def train(
     main = rank == 0
     dev = torch.device(device if not device.startswith("cuda") or not distributed
                        else f"cuda:{dist_utils.local_rank()}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock.acquire(run_dir) if main else None  # one training per folder
     dist_utils.barrier()
 
     # ---- data
@@ -259,6 +260,7 @@ def train(
     val_index = as_index(val_data, val_images_dir, val_split) if val_data is not None else None
     if not train_index.images:
         raise ValueError(f"{train_index.source}: the training set has no images")
+    train_index.require_boxes()
     model_cfg = model_cfg.with_classes(train_index.class_names, train_index.category_ids)
     if val_index is not None and val_index.category_ids != train_index.category_ids:
         log.warning("validation categories %s differ from training categories %s; evaluating on the "
@@ -341,6 +343,10 @@ def train(
                      batches_done)
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
+    if resumed_from is not None and step >= total_steps:  # a finished run: say so, touch nothing
+        if lock is not None:
+            lock.release()
+        return TrainResult(run_dir, "nothing_to_do", step, epoch, last_metrics, best_ap, 0, skipped_steps, 0.0)
 
     amp_dtype = torch.bfloat16 if train_cfg.amp == "bf16" else None
     if train_cfg.amp not in ("none", "bf16"):
@@ -646,6 +652,8 @@ def train(
             log.info("stopped by signal at step %d; resume with --resume", step)
         if bad_total:
             log.warning("%d bad samples were skipped; see %s", bad_total, bad_file)
+    if lock is not None:
+        lock.release()
     dist_utils.barrier()
     return result
 

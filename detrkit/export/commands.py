@@ -9,6 +9,8 @@ import logging
 if TYPE_CHECKING:
     import torch
 
+from ..argtypes import positive_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,7 +71,7 @@ def register(subparsers) -> None:
     o = sub.add_parser("onnx", help="ONNX graph with dynamic batch/height/width and the padding mask as input")
     o.add_argument("--weights", required=True, help="native dir/.safetensors, authors' .pth, HF dir or a published name")
     o.add_argument("--out", required=True, help="output .onnx file")
-    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--opset", type=positive_int, default=17)
     o.add_argument("--verify", action="store_true",
                    help="compare ONNX Runtime with PyTorch float32 at batch 1 and 3 (mixed sizes)")
     o.set_defaults(func=_cmd_onnx)

@@ -5,6 +5,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..argtypes import positive_int, probability
+
 log = logging.getLogger(__name__)
 
 
@@ -109,15 +111,15 @@ def register(subparsers) -> None:
     q.add_argument("--split", help="dataset split (e.g. val2017)")
     q.add_argument("--out", required=True, help="figure file, e.g. queries.png")
     pick = q.add_mutually_exclusive_group()
-    pick.add_argument("--slots", type=int, default=20, help="show the N most used slots (default 20)")
+    pick.add_argument("--slots", type=positive_int, default=20, help="show the N most used slots (default 20)")
     pick.add_argument("--slot-ids", type=_parse_ids, help="show these slots (0-based), e.g. 1,5,9")
-    q.add_argument("--threshold", type=float, default=0.5, help="a slot 'fires' when its score is above this")
-    q.add_argument("--small-area", type=float, default=0.1,
+    q.add_argument("--threshold", type=probability, default=0.5, help="a slot 'fires' when its score is above this")
+    q.add_argument("--small-area", type=probability, default=0.1,
                    help="boxes covering less than this fraction of the image are 'small' (default 0.1)")
-    q.add_argument("--min-score", type=float, default=None,
+    q.add_argument("--min-score", type=probability, default=None,
                    help="plot only boxes scoring above this (default: every image's box, as in the paper)")
-    q.add_argument("--max-images", type=int, default=None, help="use at most N images")
-    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--max-images", type=positive_int, default=None, help="use at most N images")
+    q.add_argument("--batch-size", type=positive_int, default=4)
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=run_queries)
 
@@ -125,12 +127,12 @@ def register(subparsers) -> None:
     a.add_argument("image", help="an image file")
     a.add_argument("--weights", required=True, help="model weights (as for predict)")
     a.add_argument("--out", required=True, help="figure file, e.g. attention.png")
-    a.add_argument("--threshold", type=float, default=0.5, help="detections scoring above this are shown")
+    a.add_argument("--threshold", type=probability, default=0.5, help="detections scoring above this are shown")
     a.add_argument("--points", help="encoder reference points 'x,y;x,y' in image pixels "
                                     "(default: centres of the detections)")
-    a.add_argument("--max-detections", type=int, default=6)
+    a.add_argument("--max-detections", type=positive_int, default=6)
     a.add_argument("--device", default="cpu")
-    a.add_argument("--dpi", type=int, default=130)
+    a.add_argument("--dpi", type=positive_int, default=130)
     a.set_defaults(func=run_attention)
 
     m = sub.add_parser("masks", help="per detection: the mask head's attention map of each head and the final mask")
@@ -147,5 +149,5 @@ def register(subparsers) -> None:
     c.add_argument("run_dir", help="a run folder holding metrics.jsonl (or the file itself)")
     c.add_argument("--out", required=True, help="figure file, e.g. curves.png")
     c.add_argument("--title", help="figure title (default: the run folder's name)")
-    c.add_argument("--dpi", type=int, default=130)
+    c.add_argument("--dpi", type=positive_int, default=130)
     c.set_defaults(func=run_curves)

@@ -103,8 +103,9 @@ def draw_detections(
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     clipped = []
     for x0, y0, x1, y1 in boxes.tolist():
-        x0, x1 = max(0.0, min(x0, x1)), min(w - 1.0, max(x0, x1))
-        y0, y1 = max(0.0, min(y0, y1)), min(h - 1.0, max(y0, y1))
+        # both corners inside the image, in order (a box beyond the edge of a 1-px image included)
+        x0, x1 = (min(max(v, 0.0), w - 1.0) for v in (min(x0, x1), max(x0, x1)))
+        y0, y1 = (min(max(v, 0.0), h - 1.0) for v in (min(y0, y1), max(y0, y1)))
         clipped.append((x0, y0, x1, y1))
     # all boxes first (largest first, so small ones stay visible), then all tags, so no line crosses a label
     for i in np.argsort(-area, kind="stable"):

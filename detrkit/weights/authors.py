@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from .native import require_fit
+from .safe_load import load_weights_only
 from .coco_names import authors_class_names
 
 # layer3 block count -> ResNet depth (bottleneck blocks have conv3, basic blocks do not)
@@ -72,22 +74,55 @@ def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[s
     """Load an authors' checkpoint without executing pickled code. DC5 is read from the file name
     (e.g. detr-r50-dc5-f0fb7ef5.pth) unless `dilation` says otherwise."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or foreign pickles
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
+    with open(path, "rb") as f:
+        if f.read(13) == b"DETRKIT-CKPT ":
+            raise ValueError(f"{path}: a detrkit training checkpoint, not model weights: use the run's "
+                             "final/ or best/ folder (or `detrkit eval --weights` on the checkpoint)")
+    ckpt = load_weights_only(path)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    panoptic = isinstance(sd, dict) and "detr.class_embed.weight" in sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a DETR checkpoint (no state dict of tensors under 'model')")
+    panoptic = "detr.class_embed.weight" in sd
     if panoptic:  # a panoptic checkpoint: the box detector inside it (weights/panoptic.py has the rest)
         sd = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
-    if not isinstance(sd, dict) or "class_embed.weight" not in sd:
-        raise ValueError(f"{path}: not a DETR checkpoint (no class_embed.weight in its state dict)")
+    elif _is_native_layout(sd):
+        return _native_in_pth(path, ckpt, sd)
+    if "class_embed.weight" not in sd or not any(k.startswith("backbone.0.body.") for k in sd):
+        raise ValueError(f"{path}: not a DETR checkpoint in the authors' layout (expected keys "
+                         f"'backbone.0.body.*' and 'class_embed.weight'; found e.g. {sorted(sd)[:3]})")
     if dilation is None:
         dilation = "dc5" in path.name.lower()
     sd = from_authors_keys(sd)
-    cfg = infer_config(sd, dilation)
+    try:
+        cfg = infer_config(sd, dilation)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: the authors' layout is incomplete, cannot rebuild the model ({e})") from None
+    require_fit(path, sd, cfg)
     if panoptic:
         from .panoptic import infer_panoptic_config
 
         cfg = infer_panoptic_config({"detr." + k: v for k, v in sd.items()}, dilation)
+    return sd, cfg
+
+
+def _is_native_layout(sd: dict) -> bool:
+    """detrkit's own key names: the backbone is 'backbone.body.*', not the authors' 'backbone.0.body.*'."""
+    return any(k.startswith("backbone.body.") for k in sd) and not any(k.startswith("backbone.0.") for k in sd)
+
+
+def _native_in_pth(path: Path, ckpt: dict, sd: dict) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """detrkit's state dict saved by hand. Its architecture is in the keys, but the input size, query
+    mode and category ids are not: only a config saved beside it says them."""
+    raw = next((ckpt[k] for k in ("model_cfg", "config") if isinstance(ckpt.get(k), dict)), None)
+    if raw is None:
+        raise ValueError(
+            f"{path}: holds detrkit's own state dict (keys 'backbone.body.*'), not the authors' layout, and "
+            "no config: its input size, query mode and category ids cannot be known, so it is not loaded. "
+            "Save weights with Detector.save_pretrained(...) (or use a run's final/ or best/ folder), or "
+            "store the config beside the weights: torch.save({'model': sd, 'model_cfg': cfg.to_dict()}, ...)")
+    try:
+        cfg = ModelConfig.from_dict(dict(raw))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the config stored with the state dict is not valid: {e}") from None
+    require_fit(path, sd, cfg)
     return sd, cfg

@@ -5,6 +5,7 @@ config in its metadata. Either way the SHA-256 of the tensors is recorded and ve
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,10 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{path}: disk full, not written; the previous file is kept") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -103,4 +108,36 @@ def load_native(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]
     expected = meta.get("sha256")
     if expected and tensors_sha256(state_dict) != expected:
         raise CheckpointError(f"{weights}: checksum mismatch, the file is damaged")
-    return state_dict, ModelConfig.from_dict(meta["model"])
+    where = path / CONFIG_NAME if path.is_dir() else weights
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid model config: {e}") from None
+    require_fit(where, state_dict, cfg)
+    return state_dict, cfg
+
+
+def require_fit(path: str | Path, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """The tensors must be exactly those of the model `cfg` describes (names and shapes), else
+    CheckpointError naming `path` and the first differences."""
+    from ..model import build_model
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        if any(k.startswith("detr.") for k in sd):  # a panoptic model: the detector inside plus the mask head
+            from ..model.segmentation import build_segmentation_model
+
+            net = build_segmentation_model(cfg)
+        else:
+            net = build_model(cfg)
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k} {got[k]} (config says {expected[k]})" for k in sorted(set(expected) & set(got))
+             if expected[k] != got[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
+        raise CheckpointError(f"{path}: the tensors do not fit the model its config describes ("
+                              + "; ".join(parts) + ")")
