@@ -266,6 +266,12 @@ def print_per_class(metrics: dict, cfg: ModelConfig) -> None:
 
 def eval_command(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    from ..data.panoptic import is_panoptic_json
+
+    if is_panoptic_json(args.data):  # PQ/SQ/RQ + mask AP (engine/panoptic_commands.py)
+        from .panoptic_commands import eval_panoptic_command
+
+        return eval_panoptic_command(args.weights, args.data, args.device, args.panoptic_threshold, args.out)
     metrics, cfg = evaluate_weights(args.weights, args.data, args.images, args.split, args.batch_size,
                                     args.device, args.amp, args.num_workers)
     print_coco(metrics)
@@ -283,7 +289,12 @@ def main_job_command(args: argparse.Namespace) -> int:
     from .main_job import run_main_job
 
     _set_threads(args.threads)
-    summary = run_main_job(args.out, minutes=args.minutes, preset=args.preset, variant=args.variant,
+    if args.panoptic:
+        from .panoptic_commands import main_job_panoptic
+
+        return main_job_panoptic(args)
+    minutes = 15.0 if args.minutes is None else args.minutes
+    summary = run_main_job(args.out, minutes=minutes, preset=args.preset, variant=args.variant,
                            num_train=args.num_train, num_val=args.num_val, sets=args.set)
     print_coco(summary["metrics"])
     print(f"\nmain job: AP {summary['metrics'].get('AP', 0):.3f}  AP50 {summary['metrics'].get('AP50', 0):.3f}  "
@@ -319,7 +330,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.set_defaults(func=train_command)
 
-    e = subparsers.add_parser("eval", help="COCO evaluation of saved weights")
+    e = subparsers.add_parser("eval", help="COCO evaluation of saved weights (PQ + mask AP on COCO panoptic data)")
     e.add_argument("--weights", required=True, help="native weights folder / .safetensors, or a last.pt")
     e.add_argument("--data", required=True, help="annotations (COCO JSON, YOLO or VOC folder)")
     e.add_argument("--images", help="image folder (COCO JSON only)")
@@ -328,13 +339,18 @@ def register(subparsers) -> None:
     e.add_argument("--num-workers", type=non_negative_int, default=0)
     e.add_argument("--amp", choices=["none", "bf16"], default="none")
     e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--panoptic-threshold", type=float, default=0.85,
+                   help="panoptic data: queries kept above this score (the paper: 0.85)")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--threads", type=positive_int)
     e.set_defaults(func=eval_command)
 
     j = subparsers.add_parser("main-job", help="synthetic data -> train detr-tiny on CPU -> evaluate -> figures")
     j.add_argument("--out", default="runs/main", help="run folder (default runs/main)")
-    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget (default 15)")
+    j.add_argument("--minutes", type=positive_float, default=None,
+                   help="total time budget (default 15; 20 with --panoptic)")
+    j.add_argument("--panoptic", action="store_true",
+                   help="the panoptic job: synthetic things + stuff, detector then mask head, PQ (give --out)")
     j.add_argument("--preset", default="detr-tiny")
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
     j.add_argument("--num-train", type=positive_int, default=None)
