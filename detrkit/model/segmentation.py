@@ -164,6 +164,8 @@ class DETRSegmentation(nn.Module):
     def detect(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                return_attention: bool = False) -> tuple[dict, dict]:
         """The detector's outputs, and what the mask head needs (`state`, for `predict_masks`)."""
+        if hasattr(self.detr, "encode"):  # DETR as public blocks (features/encode/decode/heads)
+            return self._detect_blocks(images, mask, return_attention)
         if isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
@@ -186,6 +188,24 @@ class DETRSegmentation(nn.Module):
             out["attention"] = {**attention, "feature_mask": fmask}
         b, d, h, w = src_proj.shape
         state = {"queries": hs[-1], "memory": memory.transpose(1, 2).reshape(b, d, h, w), "fmask": fmask,
+                 "src_proj": src_proj, "fpns": [levels[2], levels[1], levels[0]]}
+        return out, state
+
+    def _detect_blocks(self, images, mask, return_attention: bool) -> tuple[dict, dict]:
+        from .detr import BackboneFeatures, as_batch
+
+        images, mask = as_batch(images, mask)
+        detr = self.detr
+        levels = detr.backbone.body.stages(images)
+        enc = detr.encode(BackboneFeatures(levels[-1], feature_mask(mask, levels[-1])), return_attention)
+        hs, cross = detr.decode(enc, need_weights=return_attention)
+        out = detr.heads(hs)
+        if return_attention:
+            out["attention"] = {"encoder": enc.attention, "decoder_cross": cross, "feature_mask": enc.mask}
+        # the encoder's input again (a 1x1 convolution): the mask head concatenates it to the attention maps
+        src_proj = detr.input_proj(levels[-1])  # [B,d,h,w]
+        b, d, h, w = src_proj.shape
+        state = {"queries": hs[-1], "memory": enc.memory.transpose(1, 2).reshape(b, d, h, w), "fmask": enc.mask,
                  "src_proj": src_proj, "fpns": [levels[2], levels[1], levels[0]]}
         return out, state
 
