@@ -5,7 +5,6 @@ is imported only by what needs it.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -17,6 +16,7 @@ if "torch" not in sys.modules:
     # torch loads OpenMP; OMP_WAIT_POLICY=active in the environment keeps spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+from .lazy import lazy_names
 from .config import PRESETS, ModelConfig, TrainConfig, get_preset
 
 _LAZY = {"Detector": ".detector", "DETR": ".model", "build_model": ".model", "Detections": ".postprocess"}
@@ -25,12 +25,7 @@ __all__ = ["DETR", "Detector", "Detections", "ModelConfig", "PRESETS", "TrainCon
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'detrkit' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY, globals())
 
 
 def __dir__():

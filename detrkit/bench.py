@@ -29,10 +29,14 @@ import torch
 from torch import Tensor
 
 from .argtypes import non_negative_int, positive_int
+from .device import add_device_argument
 
 logger = logging.getLogger(__name__)
 
-COCO128 = Path("/work/shared/data/coco128")
+# coco128 (the photos of the inference and decode rows, the ground truth of the COCO row): --coco128,
+# else $DETRKIT_COCO128, else ../shared/data/coco128 beside the checkout; rows that need it are
+# skipped (noise images for inference) when it is absent
+COCO128 = Path(os.environ.get("DETRKIT_COCO128", Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"))
 INFER_SIZE = (800, 1066)
 
 
@@ -189,13 +193,13 @@ def machine_description(device: torch.device) -> str:
 
 # ---- inputs and models -----------------------------------------------------------------------
 
-def _inference_images(batch: int, size: tuple[int, int], device: torch.device) -> Tensor:
+def _inference_images(batch: int, size: tuple[int, int], device: torch.device, coco128: Path = COCO128) -> Tensor:
     """[batch,3,H,W] ImageNet-normalised: coco128 photos resized to `size` when present, else noise."""
     from torchvision.transforms.v2 import functional as TF
 
-    from .detector import IMAGENET_MEAN, IMAGENET_STD
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    files = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[:batch] if COCO128.is_dir() else []
+    files = sorted((coco128 / "images" / "train2017").glob("*.jpg"))[:batch] if coco128.is_dir() else []
     ims = []
     gen = torch.Generator().manual_seed(0)
     for i in range(batch):
@@ -252,11 +256,9 @@ def compare_detections(ref: dict, got: dict, threshold: float = 0.5, top_k: int 
     """Do two outputs give the same top detections? For every query scoring > threshold in either
     output: same class and boxes within 0.01 (normalised). When no query passes the threshold
     (random weights), the `top_k` highest-scoring queries of `ref` are compared instead."""
-    def scores(o):
-        p = o["pred_logits"].float().cpu().softmax(-1)[..., :-1]
-        return p.max(-1)
+    from .postprocess import class_scores
 
-    (s_ref, l_ref), (s_got, l_got) = scores(ref), scores(got)
+    (s_ref, l_ref), (s_got, l_got) = class_scores(ref["pred_logits"].cpu()), class_scores(got["pred_logits"].cpu())
     sel = (s_ref > threshold) | (s_got > threshold)
     how = f"score>{threshold}"
     if not sel.any():
@@ -369,7 +371,7 @@ def bench_inference(args, device: torch.device, peaks: dict, tmp: Path) -> list[
     probe = PeakProbe(device, args.peak_size, peaks)
     flops_per_image = None
     for batch in args.batches:
-        images = _inference_images(batch, args.size, device)
+        images = _inference_images(batch, args.size, device, args.coco128)
         mask = torch.zeros(batch, *args.size, dtype=torch.bool, device=device)
         if flops_per_image is None:
             # explicit attention matmuls: the counter does not see the CPU flash-attention kernel
@@ -459,9 +461,12 @@ def _train_batch(cfg, train_cfg, batch: int, device: torch.device, seed: int = 0
 
 
 def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[Row]:
+    """The engine's own training step (`TrainStep`, what `detrkit train` runs: fused AdamW, clipping,
+    bf16 autocast as configured) against transformers' DETR with the same weights and batch."""
+    import dataclasses
+
     from .config import get_preset
-    from .engine.train import param_groups
-    from .losses import SetCriterion
+    from .engine.step import TrainStep
     from .model import build_model, pad_images
 
     preset = get_preset(args.train_preset)
@@ -475,32 +480,16 @@ def bench_training(args, device: torch.device, peaks: dict, tmp: Path) -> list[R
 
     steps: dict[str, Callable] = {}
 
-    def ours(amp: bool, channels_last: bool):
+    def ours(amp: bool):
         m = build_model(cfg).to(device)
         m.load_state_dict(model.state_dict())
         m.train()
-        if channels_last:
-            m.backbone.to(memory_format=torch.channels_last)
-        crit = SetCriterion.from_config(tcfg, cfg.num_classes).to(device)
-        opt = torch.optim.AdamW(param_groups(m, tcfg), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        trainer = TrainStep.build(m, dataclasses.replace(tcfg, amp="bf16" if amp else "none", ema_decay=None),
+                                  device)
+        return lambda: trainer(images, targets)
 
-        def step():
-            with ctx():
-                out = m(images)
-                losses = crit(out, targets)
-                total = crit.total(losses)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, tcfg.clip_max_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total.detach()
-        return step
-
-    # channels-last backbone: oneDNN / cuDNN's fastest layout for forward and backward
-    steps["detrkit float32"] = ours(False, True)
-    steps["detrkit bf16 autocast"] = ours(True, True)
+    steps["detrkit float32"] = ours(False)
+    steps["detrkit bf16 autocast"] = ours(True)
 
     hf_step = None
     if not args.no_hf:
@@ -605,7 +594,7 @@ def bench_matcher(args, device: torch.device) -> list[Row]:
 
 def bench_coco_eval(args) -> list[Row]:
     """CocoEvaluator over coco128's ground truth with 100 detections per image (jittered boxes)."""
-    ann = COCO128 / "annotations" / "instances_train2017.json"
+    ann = args.coco128 / "annotations" / "instances_train2017.json"
     if not ann.is_file():
         logger.info("no %s: skipping the COCO evaluation row", ann)
         return []
@@ -649,7 +638,7 @@ def bench_coco_eval(args) -> list[Row]:
 
 def bench_decode(args) -> list[Row]:
     """JPEG decoding to a float [3,H,W] tensor: PIL (what most loaders use) against torchvision.io."""
-    files = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[:32] if COCO128.is_dir() else []
+    files = sorted((args.coco128 / "images" / "train2017").glob("*.jpg"))[:32] if args.coco128.is_dir() else []
     if not files:
         return []
     from PIL import Image
@@ -741,7 +730,7 @@ def _cmd(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="speed table: inference, training step, matcher, COCO eval")
     p.add_argument("--quick", action="store_true", help="batch 1 only, 1 warm-up + 3 timed rounds, fewer rows")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(p)
     p.add_argument("--preset", default="detr-r50", help="inference model (default detr-r50)")
     p.add_argument("--weights", default=None, help="weights for the inference model (default: random init)")
     p.add_argument("--size", type=positive_int, nargs=2, default=list(INFER_SIZE), metavar=("H", "W"))
@@ -758,6 +747,8 @@ def register(subparsers) -> None:
     p.add_argument("--only", nargs="+", default=["inference", "train", "matcher", "coco", "decode"],
                    choices=["inference", "train", "matcher", "coco", "decode"])
     p.add_argument("--out", default=None, help="also write the report (markdown) to this file")
+    p.add_argument("--coco128", default=COCO128, type=Path,
+                   help=f"coco128 folder (photos and COCO ground truth; default $DETRKIT_COCO128 or {COCO128})")
     p.set_defaults(func=_cmd, argv=None)
 
 

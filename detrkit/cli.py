@@ -9,7 +9,7 @@ import sys
 # module -> it defines `register(subparsers)`; each registered parser sets `func(args) -> int`
 _COMMAND_MODULES = (
     "detrkit.data.commands",      # data synth | check | convert
-    "detrkit.engine.commands",    # train, eval
+    "detrkit.engine.commands",    # train, eval, main-job
     "detrkit.engine.panoptic_commands",  # train-masks (panoptic, the paper's second stage)
     "detrkit.predict_command",    # predict
     "detrkit.viz.commands",       # viz queries | attention | curves
@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # feature not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)  # a module that fails to import is an error, not a gap
     return parser
 
 

@@ -1,14 +1,49 @@
 """Typed configuration shared by the Python API and the command line.
 
 `ModelConfig` fully describes a network and travels with its weights (JSON beside the safetensors).
-`TrainConfig` describes a training run. A named preset gives both.
+`TrainConfig` describes a training run. A named preset gives both. `build_configs` merges, in this
+order: a preset, a config file (JSON or YAML with optional "model" / "train" sections, or flat keys),
+`key=value` settings (key: a field of either config, optionally prefixed `model.` or `train.`;
+value parsed as YAML), then explicit values (the command line's dedicated flags).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+DEFAULT_PRESET = "detr-tiny"
+
+
+def _check(cls: str, name: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{cls}.{name} must be {expected}, got {value!r}")
+
+
+def _check_numbers(cfg: Any, rules: dict[str, tuple[float, bool]]) -> None:
+    """rules: field -> (lowest allowed value, None allowed). Numbers only (bool is not a number here)."""
+    cls = type(cfg).__name__
+    for name, (low, optional) in rules.items():
+        v = getattr(cfg, name)
+        if v is None and optional:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        _check(cls, name, number and v >= low, f"a number >= {low:g}" + (" or null" if optional else ""), v)
+
+
+def _check_choice(cfg: Any, name: str, choices: tuple) -> None:
+    v = getattr(cfg, name)
+    _check(type(cfg).__name__, name, v in choices, "one of " + ", ".join(repr(c) for c in choices), v)
+
+
+def _check_sizes(cfg: Any, name: str, count: int | None = None) -> None:
+    v = getattr(cfg, name)
+    ok = (isinstance(v, (list, tuple)) and len(v) > 0 and (count is None or len(v) == count)
+          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+    _check(type(cfg).__name__, name, ok, f"a list of {count or 'one or more'} positive integers", v)
 
 
 class _DictIO:
@@ -37,19 +72,19 @@ class ModelConfig(_DictIO):
     dilation: bool = False  # DC5: layer4 stride replaced by dilation 2
     train_backbone: bool = True  # False freezes the whole backbone (lr_backbone <= 0)
     backbone_norm: str = "frozen"  # "frozen" (paper, pretrained) or "batch" (trainable BN, every layer: from scratch)
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
+    # the transformer: width d and attention heads, encoder and decoder layers, feed-forward width
+    hidden_dim: int = 256; nheads: int = 8  # noqa: E702
+    enc_layers: int = 6; dec_layers: int = 6  # noqa: E702
     dim_feedforward: int = 2048
     dropout: float = 0.1
     num_queries: int = 100
     pre_norm: bool = False
     position_embedding: str = "sine"  # "sine" or "learned"
-    queries_at: str = "attention"  # object queries added in every decoder attention, or "input" (paper Table 3)
+    queries_at: str = "attention"
+    """object queries added in every decoder attention, or "input" (paper Table 3)"""
     aux_loss: bool = True
-    image_size: int = 800  # inference resize: shorter side
-    max_image_size: int = 1333  # inference resize: longer side at most
+    # inference resize: shorter side image_size, longer side at most max_image_size
+    image_size: int = 800; max_image_size: int = 1333  # noqa: E702
     class_names: list[str] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
     # panoptic: the category ids that are stuff (merged per class by the post-processing); others are things
@@ -68,12 +103,14 @@ class ModelConfig(_DictIO):
             )
         if len(set(self.category_ids)) != len(self.category_ids):
             raise ValueError("ModelConfig: category ids must be unique")
-        if self.position_embedding not in ("sine", "learned"):
-            raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
-        if self.backbone_norm not in ("frozen", "batch"):
-            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
-        if self.queries_at not in ("attention", "input"):
-            raise ValueError(f"queries_at must be 'attention' or 'input', got {self.queries_at!r}")
+        _check_choice(self, "backbone", ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+        _check_choice(self, "position_embedding", ("sine", "learned"))
+        _check_choice(self, "backbone_norm", ("frozen", "batch"))
+        _check_choice(self, "queries_at", ("attention", "input"))
+        _check_numbers(self, {"hidden_dim": (1, False), "nheads": (1, False), "enc_layers": (0, False),
+                              "dec_layers": (1, False), "dim_feedforward": (1, False), "dropout": (0, False),
+                              "num_queries": (1, False), "image_size": (1, False), "max_image_size": (1, False)})
+        _check(type(self).__name__, "dropout", self.dropout < 1, "below 1", self.dropout)
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
 
@@ -87,15 +124,16 @@ class ModelConfig(_DictIO):
 
 @dataclass
 class TrainConfig(_DictIO):
-    """A training run. Defaults are the paper's recipe (reference section 8)."""
+    """A training run. Defaults are the paper's recipe (lr 1e-4, backbone 1e-5, batch 2 per GPU, AdamW)."""
 
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
+    # AdamW learning rates of the transformer and heads, and of the backbone (<= 0: frozen)
+    lr: float = 1e-4; lr_backbone: float = 1e-5  # noqa: E702
     weight_decay: float = 1e-4
     batch_size: int = 2
     epochs: int = 300
     max_steps: int | None = None
     max_minutes: float | None = None
+    """the budget: epochs, optimizer steps and minutes, whichever ends first"""
     # with max_minutes: end the lr schedule when the time does, not when the epochs would. The step count
     # that fits is measured after warmup and re-measured after each evaluation (never above the epoch
     # budget), so a slower machine gets a shorter but complete schedule instead of being cut mid-way
@@ -105,15 +143,12 @@ class TrainConfig(_DictIO):
     warmup_steps: int = 0
     clip_max_norm: float = 0.1
     accumulate: int = 1
-    amp: str = "none"  # "none" or "bf16"
+    """micro-batches of batch_size per optimizer step"""
+    amp: str = "none"  # "none" or "bf16" (autocast)
     ema_decay: float | None = None
-    # losses (paper defaults)
-    set_cost_class: float = 1.0
-    set_cost_bbox: float = 5.0
-    set_cost_giou: float = 2.0
-    ce_loss_coef: float = 1.0
-    bbox_loss_coef: float = 5.0
-    giou_loss_coef: float = 2.0
+    # losses (paper defaults): the Hungarian matcher's costs, the loss weights, "no object"'s class weight
+    set_cost_class: float = 1.0; set_cost_bbox: float = 5.0; set_cost_giou: float = 2.0  # noqa: E702
+    ce_loss_coef: float = 1.0; bbox_loss_coef: float = 5.0; giou_loss_coef: float = 2.0  # noqa: E702
     eos_coef: float = 0.1
     # data
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
@@ -137,6 +172,30 @@ class TrainConfig(_DictIO):
     checkpoint_every_epochs: int = 1  # 0: only at the end of the run and on SIGINT/SIGTERM
     eval_every_epochs: int = 1
     skip_bad: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject bad values now, naming the field, rather than after the data is loaded."""
+        _check_choice(self, "schedule", ("step", "cosine"))
+        _check_choice(self, "amp", ("none", "bf16"))
+        _check_numbers(self, {
+            "lr": (0, False), "lr_backbone": (0, False), "weight_decay": (0, False), "batch_size": (1, False),
+            "epochs": (1, False), "max_steps": (1, True), "max_minutes": (0, True), "lr_drop_epoch": (0, False),
+            "warmup_steps": (0, False), "clip_max_norm": (0, False), "accumulate": (1, False),
+            "ema_decay": (0, True), "set_cost_class": (0, False), "set_cost_bbox": (0, False),
+            "set_cost_giou": (0, False), "ce_loss_coef": (0, False), "bbox_loss_coef": (0, False),
+            "giou_loss_coef": (0, False), "eos_coef": (0, False), "train_max_size": (1, False),
+            "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
+            "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
+            "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
+            "eval_every_epochs": (0, False)})
+        if self.ema_decay is not None:
+            _check("TrainConfig", "ema_decay", self.ema_decay < 1, "below 1 (or null: no EMA)", self.ema_decay)
+        _check_sizes(self, "train_scales")
+        _check_sizes(self, "crop_resize")
+        _check_sizes(self, "crop_size", 2)
+        if self.cache_views > 0 and self.lr_backbone > 0:
+            raise ValueError("TrainConfig.cache_views needs a frozen backbone: set lr_backbone to 0 "
+                             f"(got cache_views={self.cache_views}, lr_backbone={self.lr_backbone})")
 
 
 
@@ -200,3 +259,117 @@ def get_preset(name: str) -> Preset:
     return Preset(
         ModelConfig.from_dict(p.model.to_dict()), TrainConfig.from_dict(p.train.to_dict()), p.description
     )
+
+
+# ---- merging settings -------------------------------------------------------------------------------
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    """YAML 1.1 reads 1e-4 (no dot) as a string; a float field takes it as the number it means."""
+    kind = next(f.type for f in dataclasses.fields(cls) if f.name == name)
+    if isinstance(value, str) and "float" in str(kind):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, values: dict[str, Any],
+                    source: str) -> tuple[ModelConfig, TrainConfig]:
+    """Set fields by name ("lr", "model.hidden_dim", "train.epochs"); unknown names are an error."""
+    m, t = model_cfg.to_dict(), train_cfg.to_dict()
+    mf, tf = _fields(ModelConfig), _fields(TrainConfig)
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        if section not in ("", "model", "train"):
+            raise ValueError(f"{source}: unknown section {section!r} in {key!r} (use model.* or train.*)")
+        in_model, in_train = name in mf and section != "train", name in tf and section != "model"
+        if in_model and in_train:
+            raise ValueError(f"{source}: {name!r} is ambiguous; write model.{name} or train.{name}")
+        if not (in_model or in_train):
+            raise ValueError(f"{source}: unknown setting {key!r}; ModelConfig fields: {sorted(mf)}; "
+                             f"TrainConfig fields: {sorted(tf)}")
+        cls = ModelConfig if in_model else TrainConfig
+        value = _coerce(cls, name, value)
+        _check_type(cls, name, value, source)
+        (m if in_model else t)[name] = value
+    try:
+        return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
+    except (TypeError, ValueError) as e:  # a value that contradicts another (hidden_dim vs nheads, ...)
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _check_type(cls, name: str, value: Any, source: str) -> None:
+    """A setting's value must have its field's type (an int for an int, a list for a list, ...)."""
+    ftype = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    if value is None:
+        ok = "None" in ftype
+    else:
+        kinds = {"bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+                 "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                 "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                 "list": lambda v: isinstance(v, list)}
+        bases = [o.strip().split("[")[0] for o in ftype.split("|")]
+        ok = any(kinds.get(b, lambda v: True)(value) for b in bases if b != "None")
+    if not ok:
+        raise ValueError(f"{source}: {name} must be {ftype.replace('|', 'or')}, got {value!r}")
+
+
+def load_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+    """A JSON or YAML file -> (flat {key: value} with sections "model"/"train" as prefixes, its
+    `preset:` or None). An unknown preset name is an error naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the config file ({e})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if data is None:
+        return {}, None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a mapping of settings, got {type(data).__name__}")
+    preset = data.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        elif key != "preset":
+            flat[key] = value
+    return flat, preset
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """["lr=1e-4", "train_scales=[224,256]"] -> {"lr": 1e-4, "train_scales": [224, 256]}."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: cannot parse the value ({e})") from None
+    return out
+
+
+def build_configs(preset: str | None = None, config_file: str | os.PathLike | None = None,
+                  sets: list[str] | None = None, **flags: Any) -> tuple[ModelConfig, TrainConfig]:
+    """preset -> config file -> `sets` -> explicit flags (None flags are ignored). The preset is the one
+    given, else the config file's `preset:`, else DEFAULT_PRESET."""
+    file_values, file_preset = load_config_file(config_file) if config_file else ({}, None)
+    p = get_preset(preset or file_preset or DEFAULT_PRESET)
+    m, t = apply_overrides(p.model, p.train, file_values, str(config_file))
+    m, t = apply_overrides(m, t, parse_sets(sets), "--set")
+    return apply_overrides(m, t, {k: v for k, v in flags.items() if v is not None}, "command line")

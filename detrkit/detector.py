@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -11,19 +11,23 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from .config import ModelConfig
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_shape
+from .data.transforms import resize_for_inference
 from .model import DETR, build_model
 from .postprocess import Detections, postprocess
-from .weights import authors, huggingface, hub, native
+from .weights import huggingface, native
+from .weights.load import model_from_weights
 
-def _as_float_image(image: Any) -> Tensor:
-    """path | PIL | numpy HWC/HW | tensor CHW/HW (uint8 or float in [0,1]) -> float [3,H,W] in [0,1]."""
+
+def _as_pil(image: Any) -> Image.Image:
+    """path | PIL | numpy HWC/HW | tensor CHW/HW (uint8, or float in [0,1]) -> an RGB PIL image.
+
+    Every kind becomes 8-bit RGB, the form a file is evaluated in, so that one resize serves all."""
     if isinstance(image, (str, Path)):
         from .data.images import load_image  # upright (EXIF), RGB, robust to odd modes
 
-        image = load_image(image)
+        return load_image(image)
     if isinstance(image, Image.Image):
-        return TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+        return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(image))
         t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
@@ -34,11 +38,11 @@ def _as_float_image(image: Any) -> Tensor:
     if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
         raise ValueError(f"expected an image [3,H,W] / [H,W,3] / [H,W], got shape {tuple(t.shape)}")
     t = t[:3] if t.shape[0] != 1 else t.expand(3, -1, -1)
-    if t.dtype == torch.uint8:
-        return t.float() / 255
-    if not t.is_floating_point():
+    if t.is_floating_point():
+        t = (t.detach().cpu().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    elif t.dtype != torch.uint8:
         raise ValueError(f"integer images must be uint8, got {t.dtype}")
-    return t.float()
+    return TF.to_pil_image(t.cpu())
 
 
 class Detector:
@@ -64,14 +68,14 @@ class Detector:
         self._runner: torch.nn.Module | None = None
         self._runner_key: tuple | None = None
 
-    def _inference_model(self) -> torch.nn.Module:
-        """An optimised copy of `self.model` (batch norm folded into convolutions, packed oneDNN
-        kernels on CPU, bf16 weights when asked), rebuilt whenever the weights or device change.
-        Any other module (a stand-in in tests, a wrapper of the user's) runs as it is."""
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """What `predict` runs: an optimised copy of `self.model` (batch norm folded into convolutions,
+        packed oneDNN kernels on CPU, bf16 weights when asked), rebuilt whenever the weights or device
+        change. Any other module (a stand-in in tests, a wrapper of the user's) runs as it is."""
         if type(self.model) is not DETR:
             return self.model
-        key = (self.precision, self.device, tuple(p._version for p in self.model.parameters()),
-               tuple(id(p) for p in self.model.parameters()))
+        key = (self.precision, self.device, self.model.weights_version())
         if self._runner is None or key != self._runner_key:
             from .model.fuse import optimize_for_inference
 
@@ -87,9 +91,10 @@ class Detector:
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", *,
                         dilation: bool | None = None, precision: str = "float32") -> "Detector":
-        """A native dir/.safetensors, an authors' .pth, a Hugging Face dir, or a published name.
-        Panoptic weights (with a mask head) also give `predict(..., task="panoptic")`."""
-        from .weights.panoptic import load_panoptic_weights, is_panoptic
+        """Anything `weights.load.load_weights` takes: a native dir/.safetensors, an authors' .pth, a Hugging
+        Face dir, a training checkpoint or run folder, or a published name. Panoptic weights (with a mask
+        head) also give `predict(..., task="panoptic")`."""
+        from .weights.panoptic import is_panoptic, load_panoptic_weights  # panoptic layouts, then load_weights
 
         sd, cfg = load_panoptic_weights(source, dilation=dilation)
         if is_panoptic(sd):
@@ -103,11 +108,7 @@ class Detector:
             det = cls(seg.detr, cfg, device=device, precision=precision)
             det.segmentation = seg.eval().to(device)
             return det
-        model = build_model(cfg)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{source}: weights do not fit the model: missing {missing[:5]}"
-                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+        model = model_from_weights(sd, cfg, source)
         return cls(model, cfg, device=device, precision=precision)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -123,16 +124,14 @@ class Detector:
 
     # ---- inference ----------------------------------------------------------------------------
     def preprocess(self, images: Any) -> tuple[list[Tensor], list[tuple[int, int]]]:
-        """-> ImageNet-normalised [3,h,w] tensors at inference size, and the original (h, w) sizes."""
+        """-> ImageNet-normalised [3,h,w] tensors at inference size (on the device), and the original
+        (h, w) sizes. The resize is the evaluation's (`resize_for_inference`)."""
         tensors, sizes = [], []
         for image in _as_list(images):
-            t = _as_float_image(image)
-            h, w = t.shape[-2:]
-            size = resized_shape(h, w, self.config.image_size, self.config.max_image_size)
-            if size != (h, w):
-                t = TF.resize(t, list(size), antialias=True)
-            tensors.append(TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD).to(self.device))
-            sizes.append((h, w))
+            pil = _as_pil(image)
+            x = resize_for_inference(pil, self.config.image_size, self.config.max_image_size)
+            tensors.append(x.to(self.device))
+            sizes.append((pil.height, pil.width))
         return tensors, sizes
 
     @torch.no_grad()
@@ -146,19 +145,34 @@ class Detector:
             return self._predict_panoptic(images, panoptic_threshold)
         if task != "detection":
             raise ValueError(f"task must be 'detection' or 'panoptic', got {task!r}")
-        items = _as_list(images)
-        results: list[Detections] = []
-        for start in range(0, len(items), batch_size):
-            tensors, sizes = self.preprocess(items[start: start + batch_size])
-            out = self._inference_model()(tensors, batch_invariant=True)
-            for r, size in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes):
-                labels = r["labels"].cpu()
-                results.append(Detections(
-                    boxes=r["boxes"].cpu(), scores=r["scores"].cpu(), labels=labels,
-                    category_ids=[self.config.category_ids[i] for i in labels.tolist()],
-                    label_names=[self.config.class_names[i] for i in labels.tolist()],
-                    image_size=size,
-                ))
+        return list(self.predict_iter(_as_list(images), threshold, top_k, batch_size))
+
+    def predict_iter(self, images: Iterable[Any], threshold: float | None = 0.5, top_k: int | None = None,
+                     batch_size: int = 4) -> Iterator[Detections]:
+        """`predict` over any iterable, read lazily in batches of `batch_size`: one `Detections` per
+        image, in order. The one inference loop (predict, eval, the main job's pictures)."""
+        batch: list = []
+        for image in images:
+            batch.append(image)
+            if len(batch) == batch_size:
+                yield from self._detect(batch, threshold, top_k)
+                batch = []
+        if batch:
+            yield from self._detect(batch, threshold, top_k)
+
+    @torch.no_grad()
+    def _detect(self, batch: list, threshold: float | None, top_k: int | None) -> list[Detections]:
+        tensors, sizes = self.preprocess(batch)
+        out = self.inference_model(tensors, batch_invariant=True)
+        results = []
+        for r, size in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes):
+            labels = r["labels"].cpu()
+            results.append(Detections(
+                boxes=r["boxes"].cpu(), scores=r["scores"].cpu(), labels=labels,
+                category_ids=[self.config.category_ids[i] for i in labels.tolist()],
+                label_names=[self.config.class_names[i] for i in labels.tolist()],
+                image_size=size,
+            ))
         return results
 
 
@@ -182,26 +196,3 @@ def _as_list(images: Any) -> list:
     if isinstance(images, Tensor) and images.dim() == 4:
         return list(images)
     return [images]
-
-
-def load_weights(source: str | Path, dilation: bool | None = None) -> tuple[dict[str, Tensor], ModelConfig]:
-    """Any supported weights -> (our state dict, ModelConfig). Never unpickles code."""
-    if isinstance(source, str) and source in hub.PUBLISHED and not Path(source).exists():
-        path = hub.published_path(source)
-        if dilation is None:
-            dilation = "dc5" in source
-        return authors.load_authors(path, dilation=dilation)
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file or directory, and not a published model name "
-                                f"({', '.join(sorted(hub.PUBLISHED))})")
-    if path.is_dir():
-        if native.is_native(path):
-            return native.load_native(path)
-        if huggingface.is_huggingface_dir(path):
-            return huggingface.load_huggingface(path)
-        raise ValueError(f"{path}: neither a detrkit directory (model.safetensors + config.json) "
-                         "nor a Hugging Face DETR directory (config.json with model_type 'detr')")
-    if path.suffix == ".safetensors":
-        return native.load_native(path)
-    return authors.load_authors(path, dilation=dilation)

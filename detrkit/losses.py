@@ -1,4 +1,4 @@
-"""DETR's set loss (reference section 6): match, then classify every slot and regress the matched ones."""
+"""DETR's set loss: match, then classify every slot and regress the matched ones."""
 from __future__ import annotations
 
 import torch
@@ -94,9 +94,15 @@ class SetCriterion(nn.Module):
 
     def weight(self, name: str) -> float:
         """The weight of a loss term in the total, aux suffix `_i` included; 0 for logged-only terms."""
-        base, _, suffix = name.rpartition("_")
-        return self.weight_dict.get(base if suffix.isdigit() else name, 0.0)
+        return self.weight_dict.get(split_aux(name)[0], 0.0)
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """The weighted sum that is back-propagated."""
         return sum(losses[k] * self.weight(k) for k in losses if self.weight(k) != 0)
+
+
+def split_aux(name: str) -> tuple[str, int | None]:
+    """A loss term's name -> (base name, decoder layer of an auxiliary term or None):
+    "loss_ce_3" -> ("loss_ce", 3), "loss_ce" -> ("loss_ce", None)."""
+    base, _, suffix = name.rpartition("_")
+    return (base, int(suffix)) if base and suffix.isdigit() else (name, None)

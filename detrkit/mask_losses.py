@@ -1,4 +1,4 @@
-"""Mask losses of the panoptic model (reference section 12): sigmoid focal + DICE on matched queries.
+"""Mask losses of the panoptic model: sigmoid focal + DICE on matched queries.
 
 Each predicted mask (logits at stride 4) is upsampled bilinearly to its target's padded image size;
 both losses are summed over the matched masks and divided by the box count (as the box losses are).

@@ -1,4 +1,4 @@
-"""Hungarian matching of predictions to targets (reference section 6).
+"""Hungarian matching of predictions to targets.
 
 The cost of giving target j to prediction i is
     cost_class * (-p_i(class_j)) + cost_bbox * L1(box_i, box_j) + cost_giou * (-GIoU(box_i, box_j))

@@ -1,6 +1,6 @@
 """Panoptic model outputs -> a segment map + segments_info per image, and instance masks for mask AP.
 
-Panoptic (the paper's procedure, reference section 12): keep the queries whose best real class
+Panoptic (the paper's procedure): keep the queries whose best real class
 scores above 0.85; give each pixel to the kept query with the highest mask logit; queries of the
 same stuff class form one segment; segments of 4 pixels or fewer are dropped (their pixels go to the
 next best query, recomputed until none is that small). Pixels of no segment are void (id 0).

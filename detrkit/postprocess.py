@@ -1,10 +1,14 @@
-"""Model outputs -> detections in original-image pixels (reference section 7)."""
+"""Model outputs -> detections in original-image pixels, and detections -> COCO result records.
+
+The one place logits become detections: `Detector`, evaluation, the visualisations and `bench` all
+use it.
+"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -30,13 +34,9 @@ class Detections:
         return len(self.scores)
 
     def to_coco(self, image_id: int) -> list[dict]:
-        """COCO result records (bbox xywh pixels), each with its class name under "category_name"."""
-        xywh = box_convert(self.boxes, "xyxy", "xywh").tolist()
-        return [
-            {"image_id": image_id, "category_id": int(c), "category_name": n, "bbox": [round(v, 3) for v in b],
-             "score": float(s)}
-            for b, c, n, s in zip(xywh, self.category_ids, self.label_names, self.scores.tolist())
-        ]
+        """COCO result records (`coco_records`), each with its class name under "category_name"."""
+        records = coco_records(image_id, self.boxes, self.category_ids, self.scores)
+        return [{**r, "category_name": n} for r, n in zip(records, self.label_names)]
 
     def plot(self, image: Any = None):
         """The image with the boxes, class names and scores drawn on it (a new RGB PIL image).
@@ -73,23 +73,30 @@ class Detections:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(self.to_coco(0), indent=1))
+            from .atomic import write_atomic
+
+            write_atomic(path, json.dumps(self.to_coco(0), indent=1))
         else:
             drawn = self.plot(image)
             drawn.save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else drawn.save(path)
         return path
 
 
+def class_scores(pred_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """pred_logits [...,Q,C+1] -> (score [...,Q], label [...,Q]) of each query's best class: softmax over
+    all classes, "no object" (the last column) dropped."""
+    return pred_logits.float().softmax(-1)[..., :-1].max(-1)
+
+
 def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | list,
                 threshold: float | None = None, top_k: int | None = None) -> list[dict[str, Tensor]]:
     """pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1], orig_sizes [B,2] (h, w)
-    -> per image {scores [K], labels [K], boxes [K,4] xyxy pixels}, sorted by score.
+    -> per image {scores [K], labels [K], boxes [K,4] xyxy pixels, queries [K] (query indices)},
+    sorted by score.
 
-    Softmax over all classes, drop "no object", keep each query's best class. Without a threshold or
-    top_k all Q predictions are kept (what COCO evaluation wants).
+    Without a threshold or top_k all Q predictions are kept (what COCO evaluation wants).
     """
-    prob = pred_logits.float().softmax(-1)[..., :-1]
-    scores, labels = prob.max(-1)
+    scores, labels = class_scores(pred_logits)
     sizes = torch.as_tensor(orig_sizes, dtype=torch.float32, device=pred_boxes.device).reshape(-1, 2)
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # w h w h
     boxes = box_convert(pred_boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]
@@ -100,5 +107,13 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | li
             order = order[s[order] > threshold]
         if top_k is not None:
             order = order[:top_k]
-        results.append({"scores": s[order], "labels": lab[order], "boxes": b[order]})
+        results.append({"scores": s[order], "labels": lab[order], "boxes": b[order], "queries": order})
     return results
+
+
+def coco_records(image_id: int, boxes: Tensor, category_ids: Sequence[int], scores: Tensor) -> list[dict]:
+    """COCO result records of one image: boxes [K,4] xyxy pixels -> bbox [x, y, w, h], with the
+    dataset's category ids [K] and scores [K]. The one writer: `eval` and `predict` give the same."""
+    xywh = box_convert(boxes.float(), "xyxy", "xywh").tolist()
+    return [{"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": s}
+            for b, c, s in zip(xywh, category_ids, scores.tolist())]

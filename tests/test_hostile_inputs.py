@@ -172,6 +172,7 @@ def test_pickle_payload_never_runs_through_any_command(tmp_path, coco_set, weigh
                             "--device", "cpu", "--max-steps", "1"),
         "train --resume": ("train", "--data", coco_set, "--out", run_dir, "--resume", "--device", "cpu",
                            "--max-steps", "1"),
+        "viz masks --weights": ("viz", "masks", image, "--weights", evil, "--out", tmp_path / "m.png"),
     }
     for name, args in commands.items():
         run = cli(*args)
@@ -179,6 +180,14 @@ def test_pickle_payload_never_runs_through_any_command(tmp_path, coco_set, weigh
         assert run.code != 0, f"{name}: exited 0 on a hostile checkpoint: {run}"
         named = bare.name if bare in args else evil.name
         assert named in run.output, f"{name}: the message does not name the file: {run}"
+    # train-masks (not on the command line yet) loads its frozen detector the same way
+    from detrkit.engine.checkpoint import CheckpointError
+    from detrkit.engine.panoptic import load_panoptic_model
+
+    for source in (evil, run_dir):
+        with pytest.raises(CheckpointError, match="last.pt"):
+            load_panoptic_model(source)
+    assert not marker.exists()
     # and once in a fresh interpreter, exactly as the console script runs
     run = cli_subprocess("eval", "--weights", evil, "--data", coco_set, "--device", "cpu")
     assert not marker.exists() and run.code != 0
@@ -489,6 +498,8 @@ def test_config_errors_name_the_config_file(tmp_path, coco_set, weights):
      "between 0 and 1"),
     (("viz", "attention", "x.jpg", "--weights", "w", "--out", "a.png", "--dpi", "0"), "--dpi", "positive"),
     (("data", "synth", "out", "--images", "0"), "--images", "positive integer"),
+    (("viz", "masks", "x.jpg", "--weights", "w", "--out", "m.png", "--threshold", "7"), "--threshold",
+     "between 0 and 1"),
 ])
 def test_numeric_flags_are_validated_naming_the_flag(tmp_path, argv, flag, fragment):
     run = cli(*argv)
@@ -526,12 +537,12 @@ def test_a_second_live_run_into_the_same_folder_is_refused_a_stale_lock_taken_ov
 
 
 def _disk_fills_after(monkeypatch, good_writes: int) -> None:
-    """The checkpoint writer succeeds `good_writes` times, then the disk is full half way through a file."""
+    """The atomic writer succeeds `good_writes` times, then the disk is full half way through a file."""
     import errno
 
-    from detrkit.engine import checkpoint
+    from detrkit import atomic
 
-    real, calls = checkpoint._write_file, []
+    real, calls = atomic._write, []
 
     def write(path, payload):
         calls.append(path)
@@ -541,7 +552,7 @@ def _disk_fills_after(monkeypatch, good_writes: int) -> None:
             f.write(payload[: len(payload) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "_write_file", write)
+    monkeypatch.setattr(atomic, "_write", write)
 
 
 def test_full_disk_one_line_naming_the_path_keeps_the_previous_checkpoint_no_temp_files(tmp_path, monkeypatch,

@@ -333,3 +333,34 @@ def test_pickled_code_is_never_executed(tmp_path):
     torch.save({"model": Evil()}, path)
     with pytest.raises(ValueError, match="evil.pth"):
         Detector.from_pretrained(path)
+
+
+@pytest.mark.parametrize("queries_at", ["attention", "input"])
+def test_public_blocks_compose_to_forward_and_a_masked_extra_group_changes_nothing(queries_at):
+    """features -> encode -> decode -> heads is forward; a second group of queries appended to the
+    decoder behind a block-diagonal self-attention mask leaves the first group's output unchanged."""
+    cfg = ModelConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                      dropout=0.0, num_queries=5, class_names=["a", "b"], queries_at=queries_at)
+    model = build_model(cfg).eval()
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 64)]
+    with torch.no_grad():
+        feats = model.features(images)
+        enc = model.encode(feats)
+        hs, _ = model.decode(enc)
+        out = model.heads(hs)
+        ref = model(images)
+        for k in ("pred_logits", "pred_boxes"):
+            assert torch.equal(out[k], ref[k])
+        q = model.query_embed.weight[None].expand(2, -1, -1)
+        extra = torch.randn(2, 3, 32)
+        mask = torch.ones(8, 8, dtype=torch.bool)
+        mask[:5, :5] = False
+        mask[5:, 5:] = False
+        hs2, _ = model.decode(enc, torch.cat([q, extra], 1), self_attn_mask=mask)
+        torch.testing.assert_close(hs2[:, :, :5], hs, rtol=0, atol=1e-6)
+        hs3, _ = model.decode(enc, torch.cat([q, extra], 1))  # unmasked, the groups see each other
+        assert not torch.allclose(hs3[:, :, :5], hs, atol=1e-4)
+        x = torch.randn(1, 3, 64, 64)
+        stages = model.backbone.body.stages(x)
+        assert [s.shape[-1] for s in stages] == [16, 8, 4, 2]  # strides 4, 8, 16, 32
+        assert torch.equal(stages[-1], model.backbone.body(x))

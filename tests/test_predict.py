@@ -12,7 +12,8 @@ from detrkit.cli import main
 from detrkit.config import ModelConfig
 from detrkit.detector import Detector
 from detrkit.model import build_model
-from detrkit.predict_command import find_images, image_ids_for, output_names, predict_files
+from detrkit.data.images import find_images
+from detrkit.predict import image_ids_for, output_names, predict_files
 from detrkit.viz.draw import class_colour
 
 CLASSES = ["cat", "dog", "bird"]
@@ -157,8 +158,40 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
     records = json.loads(js.read_text())
     assert len(records) == 12  # top 2 of each of the 6 readable images
     assert {r["category_id"] for r in records} <= set(CATEGORY_IDS)
-    assert set(records[0]) == {"image_id", "file_name", "category_id", "bbox", "score"}
+    assert set(records[0]) == {"image_id", "file_name", "category_id", "category_name", "bbox", "score"}
     assert sorted(p.name for p in out.iterdir()) == ["cmyk.jpg", "deep16.png", "gray.png", "palette.png",
                                                      "rgba.png", "rotated.jpg"]
     assert main(["predict", str(tmp_path / "nothere.jpg"), "--weights", str(weights), "--json", str(js)]) == 2
     assert main(["predict", str(tmp_path / "in"), "--weights", str(weights)]) == 2  # nothing to write
+
+
+def test_predict_gives_the_records_and_the_ap_of_eval(tmp_path):
+    """`predict` and `eval` share one resize and one inference path: on the same weights and images
+    (batches alike), predict's COCO records are eval's, number for number, and so is the AP."""
+    from detrkit.data.coco import load_coco
+    from detrkit.data.synthetic import make_synthetic
+    from detrkit.engine.evaluate import CocoEvaluator, evaluate_weights
+    from detrkit.predict import predict_files
+
+    ann = make_synthetic(tmp_path / "data", 7, seed=1, image_size=(48, 90), image_format="jpg")
+    index = load_coco(ann)
+    cfg = ModelConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
+                      dropout=0.0, num_queries=5, image_size=64, max_image_size=96,
+                      class_names=index.class_names, category_ids=index.category_ids)
+    torch.manual_seed(0)
+    weights = Detector(build_model(cfg), cfg).save_pretrained(tmp_path / "w")
+    metrics, _ = evaluate_weights(weights, ann, batch_size=3, device="cpu", results_path=tmp_path / "eval.json")
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+
+    det = Detector.from_pretrained(weights, precision="float32")
+    files = [im.file for im in index.images]
+    assert len({tuple(Image.open(f).size) for f in files}) > 1  # mixed sizes: padding in the batches
+    summary = predict_files(det, files, threshold=None, batch_size=3, progress=False)
+    id_of = {str(im.file): im.id for im in index.images}
+    predicted = [{k: (id_of[r["file_name"]] if k == "image_id" else v) for k, v in r.items() if k != "file_name"}
+                 for r in summary.records]
+    assert len(predicted) == 5 * len(files)
+    assert predicted == evaluated  # same boxes and scores to the last bit, same order
+    ev = CocoEvaluator(index.to_coco())
+    ev.add(predicted)
+    assert ev.summarize()["AP50"] == metrics["AP50"] and ev.summarize()["AP"] == metrics["AP"]

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,34 +81,40 @@ def test_truncated_checkpoint_clear_error_and_fallback(tmp_path, caplog):
 
 
 _WORKER = """
-import sys, torch
+import os, signal, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from _train_helpers import tiny_model, tiny_train
 from detrkit.engine.train import train
+real, calls = getattr(os, {call!r}), [0]
+def killing(*args, **kwargs):  # SIGKILL just before the n-th call: no cleanup, no flush, like a power cut
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, {call!r}, killing)
 train(tiny_model(), tiny_train(epochs=50, checkpoint_every_steps=1), {data!r}, None, {run!r}, progress=False,
       check_data=False)
 """
 
 
 @pytest.mark.slow
-def test_sigkill_always_leaves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("call, n", [
+    ("fsync", 3),    # step 2's new file written but not yet flushed to disk
+    ("replace", 2),  # step 2's file complete; last.pt not yet moved to last.prev.pt
+    ("replace", 3),  # last.pt moved aside, the new one not yet in place: only last.prev.pt
+    ("replace", 5),  # the same one checkpoint later
+])
+def test_sigkill_always_leaves_a_loadable_checkpoint(tmp_path, call, n):
     data = tiny_data(tmp_path / "data", 4)
     run = tmp_path / "run"
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER.format(tests=str(Path(__file__).parent), data=str(data), run=str(run)))
-    for delay in (0.0, 0.37, 0.81):  # kill at different moments of the checkpoint cycle
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 240
-            while not (run / "last.pt").exists():
-                assert proc.poll() is None, "worker died before its first checkpoint"
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            time.sleep(delay)
-        finally:
-            proc.kill()
-            proc.wait()
-        state, _ = load_latest(run)
-        assert state["step"] >= 1
-        assert set(state) >= {"model", "optimizer", "rng", "order", "batches_done"}
+    script.write_text(_WORKER.format(tests=str(Path(__file__).parent), data=str(data), run=str(run), call=call, n=n))
+    proc = subprocess.run([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    state, path = load_latest(run)
+    assert state["step"] >= 1
+    assert set(state) >= {"model", "optimizer", "rng", "order", "batches_done"}
+    if (call, n) == ("replace", 3):
+        assert path.name == "last.prev.pt" and not (run / "last.pt").exists()

@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 
-from detrkit.engine import train as train_mod
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import NonFiniteLossError, train
 from detrkit.engine.schedule import lr_factor
@@ -109,23 +108,39 @@ def test_lr_backbone_zero_freezes_the_backbone(tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("transformer."))
 
 
+class _StepClock:
+    """A clock that advances a fixed time per optimizer step (a step_callback): the time budget and the
+    schedule fitting see a steady speed, whatever the machine's load."""
+
+    def __init__(self, seconds_per_step: float):
+        self.now, self.per_step = 0.0, seconds_per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, step, model) -> None:
+        self.now += self.per_step
+
+
 def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     """With fit_schedule_to_time, a run whose epochs cannot fit in max_minutes gets a schedule that
-    ends when the time does: it stops at (or just before) the fitted step count, far below the epoch
-    budget, with the cosine learning rate run down instead of cut at full height; --resume keeps it."""
+    ends when the time does: at 50 ms a step, 9 s hold 180 steps, far below the epoch budget, and the
+    cosine learning rate is run down instead of cut at full height; --resume keeps the fitted schedule."""
     data = tiny_data(tmp_path / "data", 4)
     cfg = tiny_train(lr_backbone=0.0, epochs=100_000, max_minutes=0.15, fit_schedule_to_time=True,
                      warmup_steps=5, checkpoint_every_epochs=0)
-    result = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False)
+    clock = _StepClock(0.05)
+    result = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False,
+                   clock=clock, step_callback=clock.tick)
     state = load_checkpoint(tmp_path / "run" / "last.pt")
-    total = state["scheduler"]["total_steps"]
-    assert result.status == "max_minutes"
-    assert 50 < total < 20_000 and result.step <= total  # the epochs alone would be 200,000 steps
-    assert total - result.step <= 0.2 * total  # the time and the schedule ran out together
+    assert state["scheduler"]["total_steps"] == 180  # fitted after 50 steps: 50 + 6.5 s / 0.05 s
+    assert result.status == "max_minutes" and result.step == 180  # the epochs alone would be 200,000 steps
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
            if r.get("type") == "train"]
-    assert lrs[-1] < 0.25 * cfg.lr
-    # --resume keeps the fitted schedule: at most the few steps the time cut off are left, where the
-    # epoch budget would have it train on for the whole new budget
-    again = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False, resume=True)
-    assert result.step <= again.step <= total
+    assert lrs[-1] < 0.01 * cfg.lr
+    # --resume keeps the fitted schedule as its ceiling: nothing is left, where the epoch budget would
+    # have it train on for the whole new budget
+    clock = _StepClock(0.05)
+    again = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False, resume=True,
+                  clock=clock, step_callback=clock.tick)
+    assert again.step == 180

@@ -17,7 +17,6 @@ Heuristics, stated:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -29,12 +28,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detrkit.argtypes import non_negative_int
 from detrkit.data.formats import detect_format, load_annotations
 from detrkit.data.images import ImageError, image_size, load_image, resolved
 from detrkit.data.index import DatasetIndex, Problem
+from detrkit.data.images import IMAGE_SUFFIXES
 from detrkit.data.transforms import MIN_SIDE
-from detrkit.data.yolo import IMAGE_SUFFIXES, label_path_for
+from detrkit.data.yolo import label_path_for
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,7 @@ MAX_ASPECT_RATIO = 20.0
 @dataclass
 class BoxStats:
     count: int = 0
-    small: int = 0
-    medium: int = 0
-    large: int = 0
+    small: int = 0; medium: int = 0; large: int = 0  # noqa: E702  (COCO's area classes)
     width: tuple[float, float, float] | None = None  # min, median, max (pixels)
     height: tuple[float, float, float] | None = None
 
@@ -345,23 +342,3 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
             report.add(p)
     log.info("checked %s: %d errors, %d warnings", report.source, len(report.errors), len(report.warnings))
     return report
-
-
-# ---- CLI: `detrkit data check` ----------------------------------------------------------------
-
-def add_check_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="check a dataset (COCO / YOLO / Pascal VOC) for problems",
-                              description="Check annotations and images; exit status 1 when errors are found.")
-    p.add_argument("path", help="COCO .json (instances or panoptic), YOLO data.yaml or folder, or Pascal VOC folder")
-    p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
-    p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
-    p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
-    p.add_argument("--max-problems", type=non_negative_int, default=20, help="list at most this many errors and warnings each")
-    p.set_defaults(func=check_command)
-    return p
-
-
-def check_command(args: argparse.Namespace) -> int:
-    report = check_dataset(args.path, split=args.split, images_dir=args.images, decode_images=not args.no_decode)
-    print(report.format(max_problems=args.max_problems))
-    return 0 if report.ok else 1

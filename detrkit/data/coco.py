@@ -12,7 +12,9 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
+from ..atomic import write_atomic
 from .images import missing_reason, resolved
 from .index import Annotation, DatasetIndex, ImageRecord, Problem
 
@@ -96,6 +98,22 @@ def _bbox_problem(bbox, width: int | None, height: int | None) -> tuple[str, str
     return None
 
 
+def _first_of_each_id(entries: list, keys: tuple, kind: str, json_path: Path, problems: list,
+                      describe) -> Iterator[tuple[dict, int]]:
+    """(entry, id) of each entry with all `keys`; a repeated id is an error Problem (describe(entry, id)
+    says which) and only the first entry with it is kept."""
+    seen: set[int] = set()
+    for i, entry in enumerate(entries):
+        _require(entry, keys, kind, i, json_path)
+        eid = _int(entry, "id", kind, i, json_path)
+        if eid in seen:
+            problems.append(Problem("error", f"{json_path} {kind} id {eid}",
+                                    f"duplicate {kind} id ({describe(entry, eid)}); keeping the first"))
+            continue
+        seen.add(eid)
+        yield entry, eid
+
+
 def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> DatasetIndex:
     """Read a COCO instances JSON into a `DatasetIndex` (image paths resolved, problems listed).
 
@@ -125,26 +143,16 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
     where = str(json_path)
 
     categories: dict[int, str] = {}
-    for i, c in enumerate(data["categories"]):
-        _require(c, ("id", "name"), "category", i, json_path)
-        cid = _int(c, "id", "category", i, json_path)
-        if cid in categories:
-            problems.append(Problem("error", f"{where} category id {cid}",
-                                    f"duplicate category id (names {categories[cid]!r}, {c['name']!r}); keeping the first"))
-            continue
+    for c, cid in _first_of_each_id(data["categories"], ("id", "name"), "category", json_path, problems,
+                                    lambda c, cid: f"names {categories[cid]!r}, {c['name']!r}"):
         categories[cid] = str(c["name"])
 
     images: dict[int, ImageRecord] = {}
     if images_dir is not None and not images_dir.is_dir():
         problems.append(Problem("error", str(images_dir), "images directory not found"))
     missing_files = 0
-    for i, im in enumerate(data["images"]):
-        _require(im, ("id", "file_name"), "image", i, json_path)
-        iid = _int(im, "id", "image", i, json_path)
-        if iid in images:
-            problems.append(Problem("error", f"{where} image id {iid}",
-                                    f"duplicate image id ({im['file_name']!r}); keeping the first"))
-            continue
+    for im, iid in _first_of_each_id(data["images"], ("id", "file_name"), "image", json_path, problems,
+                                     lambda im, iid: repr(im["file_name"])):
         path = _resolve_image(str(im["file_name"]), json_path, images_dir)
         if path is None:
             missing_files += 1
@@ -204,9 +212,5 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
 def save_coco(index: DatasetIndex, path: str | os.PathLike) -> Path:
     """Write `index` as COCO JSON; image file names are relative to the JSON's folder when inside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index.to_coco(relative_to=path.parent), f)
-    os.replace(tmp, path)  # never leave a half-written annotation file
-    return path
+    # never leave a half-written annotation file
+    return write_atomic(path, json.dumps(index.to_coco(relative_to=path.parent)))

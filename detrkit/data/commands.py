@@ -1,8 +1,7 @@
 """`detrkit data ...` commands.
 
 `register(sub)` creates the `data` parser and its own subparsers; every function in `DATA_COMMANDS`
-is then called with that subparsers object to add one subcommand (synth here; check and convert
-add themselves to the list).
+is then called with that subparsers object to add one subcommand (synth, check, convert).
 """
 from __future__ import annotations
 
@@ -60,14 +59,53 @@ def add_synth_command(data_sub) -> None:
     p.set_defaults(func=_run_synth)
 
 
+def _dataset_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="COCO .json (instances, or panoptic for check), YOLO data.yaml or folder, "
+                                "or Pascal VOC folder")
+    p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
+    p.add_argument("--images", default=None, help="image folder (COCO only, when not beside the JSON)")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from .check import check_dataset
+
+    report = check_dataset(args.path, split=args.split, images_dir=args.images, decode_images=not args.no_decode)
+    print(report.format(max_problems=args.max_problems))
+    return 0 if report.ok else 1
+
+
 def add_check_command(data_sub) -> None:
-    from .check import add_check_parser
-    add_check_parser(data_sub)
+    p = data_sub.add_parser("check", help="check a dataset (COCO / YOLO / Pascal VOC) for problems",
+                            description="Check annotations and images; exit status 1 when errors are found.")
+    _dataset_arguments(p)
+    p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
+    p.add_argument("--max-problems", type=non_negative_int, default=20, help="list at most this many errors and warnings each")
+    p.set_defaults(func=_run_check)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .formats import convert
+
+    try:
+        index = convert(args.path, args.out, split=args.split, images_dir=args.images)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}")
+        return 1
+    errors = [p for p in index.problems if p.severity == "error"]
+    print(f"wrote {args.out}: {len(index.images)} images, {len(index.annotations)} boxes, "
+          f"{len(index.categories)} categories")
+    if errors:
+        print(f"{len(errors)} error(s) in the source; the offending entries were left out "
+              f"(run `detrkit data check {args.path}` for details)")
+    return 0
 
 
 def add_convert_command(data_sub) -> None:
-    from .formats import add_convert_parser
-    add_convert_parser(data_sub)
+    p = data_sub.add_parser("convert", help="convert a YOLO / Pascal VOC / COCO dataset to COCO JSON",
+                            description="Convert a dataset (format detected from PATH) to COCO JSON.")
+    _dataset_arguments(p)
+    p.add_argument("--out", required=True, help="COCO JSON file to write")
+    p.set_defaults(func=_run_convert)
 
 
 # each adds one `detrkit data <name>` subcommand to the data subparsers

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -111,29 +110,18 @@ def convert(path: str | os.PathLike, out_json: str | os.PathLike, split: str | N
     return index
 
 
-# ---- CLI: `detrkit data convert` --------------------------------------------------------------
+def dataset_images(data: str, images_dir: str | None, split: str | None) -> list[Path]:
+    """Image files of a dataset (any supported format), or of a plain folder of images."""
+    from .images import find_images
 
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert", help="convert a YOLO / Pascal VOC / COCO dataset to COCO JSON",
-                              description="Convert a dataset (format detected from PATH) to COCO JSON.")
-    p.add_argument("path", help="COCO .json, YOLO data.yaml or folder, or Pascal VOC folder")
-    p.add_argument("--out", required=True, help="COCO JSON file to write")
-    p.add_argument("--split", default=None, help="dataset split (train, val, ...); default: all")
-    p.add_argument("--images", default=None, help="image folder (COCO input only)")
-    p.set_defaults(func=convert_command)
-    return p
-
-
-def convert_command(args: argparse.Namespace) -> int:
+    path = Path(data)
     try:
-        index = convert(args.path, args.out, split=args.split, images_dir=args.images)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}")
-        return 1
-    errors = [p for p in index.problems if p.severity == "error"]
-    print(f"wrote {args.out}: {len(index.images)} images, {len(index.annotations)} boxes, "
-          f"{len(index.categories)} categories")
-    if errors:
-        print(f"{len(errors)} error(s) in the source; the offending entries were left out "
-              f"(run `detrkit data check {args.path}` for details)")
-    return 0
+        detect_format(path)
+    except ValueError:
+        if path.is_dir():  # no annotations: just the images of the folder
+            files, problems = find_images([path], recursive=True)
+            if files:
+                return files
+        raise
+    index = load_annotations(path, split=split, images_dir=images_dir)
+    return [im.file for im in index.images]

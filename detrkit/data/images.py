@@ -7,10 +7,12 @@ Every failure is an `ImageError` that names the file and says what is wrong with
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 # have such images, so we load them with a warning up to MAX_PIXELS and refuse larger ones from the
 # header, before any pixel is decoded: a small PNG can declare billions of pixels, and decoding one
 # of 1 Gpx takes several GB. DETRKIT_MAX_IMAGE_PIXELS raises (or lowers) the limit.
+# file endings taken for images wherever a folder is searched (datasets, predict)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                            ".ppm", ".pgm", ".pbm"})
 MAX_PIXELS = int(float(os.environ.get("DETRKIT_MAX_IMAGE_PIXELS", 256_000_000)))
 _PILLOW_WARN_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -181,3 +186,46 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except MemoryError as e:
         raise ImageError(path, f"not enough memory to convert the {im.width}x{im.height} image to RGB") from e
     return rgb
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def find_images(inputs: Iterable[str | Path], recursive: bool = False) -> tuple[list[Path], list[str]]:
+    """Expand files, folders (their image files, sorted) and glob patterns.
+
+    -> (image paths in order, without duplicates; problems: inputs that matched nothing or do not exist).
+    A file named explicitly is kept whatever its suffix (the loader decides whether it is an image).
+    """
+    found: list[Path] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append(p)
+
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                problems.append(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            for p in files:
+                add(p)
+        elif path.is_file():
+            add(path)
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if not files:
+                problems.append(f"{text}: pattern matches no image files")
+            for p in files:
+                add(p)
+        else:
+            problems.append(f"{text}: no such file or folder")
+    return found, problems

@@ -264,6 +264,19 @@ def encode_mask(mask: np.ndarray) -> dict:
     return rle
 
 
+def mask_or_problem(annotation: dict, size: tuple[int, int], where: str, consequence: str
+                    ) -> tuple[np.ndarray | None, Problem | None]:
+    """The mask [H,W] bool of one COCO instance annotation, or None and the Problem that says why not
+    (an unreadable segmentation is an error; a missing one a warning ending in `consequence`)."""
+    try:
+        m = instance_mask(annotation.get("segmentation"), *size)
+    except CocoFormatError as e:
+        return None, Problem("error", where, str(e))
+    if m is None:
+        return None, Problem("warning", where, f"annotation has no mask (segmentation missing or empty); {consequence}")
+    return m, None
+
+
 def load_instance_masks(json_path: str | os.PathLike) -> tuple[dict[int, list[tuple[int, np.ndarray]]], list[Problem]]:
     """COCO instances JSON -> {image_id: [(annotation id, mask [H,W] bool)]}; annotations without a
     usable mask are counted as problems (skipped), never a crash."""
@@ -278,13 +291,9 @@ def load_instance_masks(json_path: str | os.PathLike) -> tuple[dict[int, list[tu
         if size is None:
             problems.append(Problem("error", at, f"unknown image id {a['image_id']}"))
             continue
-        try:
-            m = instance_mask(a.get("segmentation"), *size)
-        except CocoFormatError as e:
-            problems.append(Problem("error", at, str(e)))
-            continue
-        if m is None:
-            problems.append(Problem("warning", at, "annotation has no mask (segmentation missing or empty); skipped"))
+        m, problem = mask_or_problem(a, size, at, "skipped")
+        if problem is not None:
+            problems.append(problem)
             continue
         out.setdefault(int(a["image_id"]), []).append((int(a["id"]), m))
     return out, problems

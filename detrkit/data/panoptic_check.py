@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import check
-from .coco import CocoFormatError
 from .index import Problem
-from .panoptic import PanopticFormatError, instance_mask, load_panoptic, read_segment_ids
+from .panoptic import PanopticFormatError, load_panoptic, mask_or_problem, read_segment_ids
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +100,9 @@ def instance_mask_problems(json_path: str | os.PathLike) -> list[Problem]:
         size = sizes.get(int(a.get("image_id", -1)))
         if size is None:
             continue
-        try:
-            m = instance_mask(a.get("segmentation"), *size)
-        except CocoFormatError as e:
-            out.append(Problem("error", where, str(e)))
-            continue
-        if m is None:
-            out.append(Problem("warning", where, "annotation has no mask (segmentation missing or empty); "
-                                                 "mask training and mask AP skip it"))
+        m, problem = mask_or_problem(a, size, where, "mask training and mask AP skip it")
+        if problem is not None:
+            out.append(problem)
         elif not m.any():
             out.append(Problem("warning", where, "mask is empty (no pixel inside the image)"))
     return out

@@ -6,7 +6,7 @@ A transform takes `(image, target)` with `image` a `PIL.Image` (or uint8 tensor)
 `[N,4]` in cxcywh normalised by the transformed image size. Boxes follow every geometric step;
 boxes that end up empty after a crop are removed together with their labels.
 
-Training follows the paper (reference section 8): horizontal flip 0.5, then with probability 0.5
+Training follows the paper: horizontal flip 0.5, then with probability 0.5
 either a random shorter-side resize, or resize / random crop / random shorter-side resize.
 """
 from __future__ import annotations
@@ -193,12 +193,10 @@ def make_transforms(train_cfg, model_cfg, train: bool) -> v2.Compose:
 
 
 def resize_for_inference(image: Image.Image, image_size: int, max_size: int) -> torch.Tensor:
-    """RGB `PIL.Image` -> normalised float tensor [3,H,W] resized like `eval_transforms`."""
-    h, w = resized_shape(image.height, image.width, image_size, max_size)
-    if (h, w) != (image.height, image.width):
-        image = F.resize(image, [h, w], antialias=True)  # same kernel as eval_transforms
-    x = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
-    return F.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    """RGB `PIL.Image` -> normalised float tensor [3,H,W]: `eval_transforms` itself, so a prediction
+    sees exactly the pixels the evaluation of the same file sees (the 8-bit image is resized)."""
+    empty = make_target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), image.height, image.width)
+    return eval_transforms(image_size, max_size)(image, empty)[0]
 
 
 def make_target(boxes_xyxy: torch.Tensor, labels: torch.Tensor, height: int, width: int) -> dict[str, Any]:

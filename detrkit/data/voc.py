@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from detrkit.data.images import ImageError, image_size, resolved
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord, Problem
-from detrkit.data.yolo import IMAGE_SUFFIXES
+from detrkit.data.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from detrkit.data.images import ImageError, image_size, resolved
+from detrkit.data.images import IMAGE_SUFFIXES, ImageError, image_size, resolved
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord, Problem
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _SPLIT_KEYS = ("train", "val", "test")
 _CLASS_LIST_FILES = ("classes.txt", "obj.names")  # written by common labelling tools
 

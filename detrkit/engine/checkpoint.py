@@ -15,11 +15,9 @@ verifiable checkpoint, and a failed write (a full disk) leaves no temporary file
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load, save as st_save
 
+from ..atomic import DiskFullError, write_atomic  # noqa: F401  (DiskFullError: raised from here too)
+from ..weights.errors import CheckpointError
 from ..weights.safe_load import UnsafePickleError, load_weights_only
 
 log = logging.getLogger(__name__)
@@ -39,61 +39,6 @@ MAGIC = MAGIC_PREFIX + f"{VERSION} ".encode()
 LAST = "last.pt"
 PREV = "last.prev.pt"
 _META_KEY = "detrkit-checkpoint"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupted, or cannot be read without running code."""
-
-
-class DiskFullError(OSError):
-    """The disk filled up while writing a file; the previous file is untouched."""
-
-    def __str__(self) -> str:  # one line naming the file, without the "[Errno 28]" prefix
-        return str(self.strerror)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: str | Path, payload: bytes, keep_previous: str | Path | None = None) -> None:
-    """Write bytes to `path` so that readers only ever see the old or the new complete file.
-
-    keep_previous: if given and `path` exists, the old file is moved there first. On any failure the
-    temporary file is removed and `path` is left as it was; a full disk raises DiskFullError naming
-    the path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        _write_file(tmp, payload)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(e.errno, f"{path}: disk full, {len(payload) / 1e6:.1f} MB not written; the "
-                                         "previous file is kept") from None
-        raise
-    if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------ state <-> tensors + JSON

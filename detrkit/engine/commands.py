@@ -1,28 +1,19 @@
-"""`detrkit train`, `detrkit eval` and `detrkit main-job`.
+"""`detrkit train`, `detrkit eval` and `detrkit main-job`: parse the arguments, call the library, print.
 
-Configuration: a preset, then a config file (JSON or YAML with optional "model" / "train" sections, or
-flat keys), then `--set key=value` (key: a ModelConfig or TrainConfig field, optionally prefixed with
-`model.` or `train.`; value parsed as YAML), then the dedicated flags (--epochs, --max-minutes, ...).
+Settings: --preset, then --config, then --set key=value, then the dedicated flags (config.build_configs).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
 import os
-import time
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..argtypes import non_negative_int, positive_float, positive_int
-from ..config import ModelConfig, TrainConfig, get_preset
+from ..config import DEFAULT_PRESET, ModelConfig, build_configs
+from ..device import add_device_argument
 
-log = logging.getLogger(__name__)
-
-COCO_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 COCO_LABELS = (
     "AP @[IoU=0.50:0.95 | area=   all | maxDets=100]",
     "AP @[IoU=0.50      | area=   all | maxDets=100]",
@@ -37,129 +28,6 @@ COCO_LABELS = (
     "AR @[IoU=0.50:0.95 | area=medium | maxDets=100]",
     "AR @[IoU=0.50:0.95 | area= large | maxDets=100]",
 )
-
-
-# ------------------------------------------------------------------------------------------ config
-def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def apply_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, values: dict[str, Any],
-                    source: str) -> tuple[ModelConfig, TrainConfig]:
-    """Set fields by name ("lr", "model.hidden_dim", "train.epochs"); unknown names are an error."""
-    m, t = model_cfg.to_dict(), train_cfg.to_dict()
-    mf, tf = _fields(ModelConfig), _fields(TrainConfig)
-    for key, value in values.items():
-        section, _, name = key.rpartition(".")
-        if section not in ("", "model", "train"):
-            raise ValueError(f"{source}: unknown section {section!r} in {key!r} (use model.* or train.*)")
-        in_model, in_train = name in mf and section != "train", name in tf and section != "model"
-        if in_model and in_train:
-            raise ValueError(f"{source}: {name!r} is ambiguous; write model.{name} or train.{name}")
-        if not (in_model or in_train):
-            raise ValueError(f"{source}: unknown setting {key!r}; ModelConfig fields: {sorted(mf)}; "
-                             f"TrainConfig fields: {sorted(tf)}")
-        _check_type(ModelConfig if in_model else TrainConfig, name, value, source)
-        (m if in_model else t)[name] = value
-    try:
-        return ModelConfig.from_dict(m), TrainConfig.from_dict(t)
-    except (TypeError, ValueError) as e:  # a value that contradicts another (hidden_dim vs nheads, ...)
-        raise ValueError(f"{source}: {e}") from None
-
-
-def _check_type(cls, name: str, value: Any, source: str) -> None:
-    """A setting's value must have its field's type (an int for an int, a list for a list, ...)."""
-    ftype = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
-    options = [o.strip() for o in ftype.split("|")]
-    if value is None:
-        ok = "None" in options
-    else:
-        ok = False
-        for o in options:
-            base = o.split("[")[0]
-            if base == "bool":
-                ok |= isinstance(value, bool)
-            elif base == "int":
-                ok |= isinstance(value, int) and not isinstance(value, bool)
-            elif base == "float":
-                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif base == "str":
-                ok |= isinstance(value, str)
-            elif base == "list":
-                ok |= isinstance(value, list)
-            else:
-                ok = True  # a type this check does not know: left to the config class
-    if not ok:
-        raise ValueError(f"{source}: {name} must be {ftype.replace('|', 'or')}, got {value!r}")
-
-
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON or YAML file -> flat {key: value} (sections "model"/"train" become prefixes)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the config file ({e})") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a mapping of settings, got {type(data).__name__}")
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("model", "train") and isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        elif key == "preset":
-            continue
-        else:
-            flat[key] = value
-    return flat
-
-
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """["lr=1e-4", "train_scales=[224,256]"] -> {"lr": 1e-4, "train_scales": [224, 256]}."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected key=value")
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--set {item!r}: cannot parse the value ({e})") from None
-    return out
-
-
-def build_configs(preset: str, config_file: str | None = None, sets: list[str] | None = None,
-                  **flags: Any) -> tuple[ModelConfig, TrainConfig]:
-    """preset -> config file -> --set -> explicit flags (None flags are ignored)."""
-    if config_file:
-        file_values = load_config_file(config_file)
-        preset = load_preset_name(config_file) or preset
-    p = get_preset(preset)
-    m, t = p.model, p.train
-    if config_file:
-        m, t = apply_overrides(m, t, file_values, str(config_file))
-    m, t = apply_overrides(m, t, parse_sets(sets), "--set")
-    m, t = apply_overrides(m, t, {k: v for k, v in flags.items() if v is not None}, "command line")
-    return m, t
-
-
-def load_preset_name(config_file: str) -> str | None:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(config_file).read_text())
-    except Exception:
-        return None
-    return data.get("preset") if isinstance(data, dict) else None
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -198,52 +66,10 @@ def _set_threads(threads: int | None) -> None:
 
 
 # -------------------------------------------------------------------------------------------- eval
-def load_weights(path: str | os.PathLike):
-    """A model from a training checkpoint (last.pt) or any weights Detector.from_pretrained takes."""
-    from ..model import build_model
-
-    path = Path(path)
-    if path.is_dir() and (path / "last.pt").exists() and not (path / "model.safetensors").exists():
-        path = path / "last.pt"
-    if path.suffix == ".pt":
-        from .checkpoint import load_checkpoint
-
-        state = load_checkpoint(path)
-        cfg = ModelConfig.from_dict(state["model_cfg"])
-        weights = state["ema"] if state.get("ema") is not None else state["model"]
-    else:
-        from ..detector import load_weights as load_any
-
-        weights, cfg = load_any(path)
-    model = build_model(cfg)
-    model.load_state_dict(weights)
-    return model.eval(), cfg
-
-
-def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=None, batch_size: int = 4,
-                     device: str = "cpu", amp: str = "none", num_workers: int = 0) -> dict:
-    """Evaluate saved weights on a dataset; returns evaluate()'s dict."""
-    from ..data.dataset import DetectionDataset
-    from ..data.transforms import make_transforms
-    from .evaluate import evaluate
-    from .train import as_index, coco_ground_truth
-
-    model, cfg = load_weights(weights)
-    index = as_index(data, images_dir, split)
-    if index.no_box_message():
-        log.warning("%s; every AP below is -1 (undefined), not a score", index.no_box_message())
-    missing = set(index.category_ids) - set(cfg.category_ids)
-    if missing:
-        log.warning("%s: categories %s are not known to the model (it knows %s)", index.source,
-                    sorted(missing), cfg.category_ids)
-    dataset = DetectionDataset(index, make_transforms(TrainConfig(), cfg, False), skip_bad=True)
-    model.to(device)
-    return evaluate(model, dataset, cfg.category_ids, coco_ground_truth(index), batch_size=batch_size,
-                    device=torch.device(device), amp=amp, num_workers=num_workers), cfg
-
-
 def print_coco(metrics: dict) -> None:
-    for name, label in zip(COCO_NAMES, COCO_LABELS):
+    from .evaluate import STAT_NAMES
+
+    for name, label in zip(STAT_NAMES, COCO_LABELS):
         if name in metrics:
             print(f" {label} = {float(metrics[name]):.3f}")
 
@@ -265,6 +91,9 @@ def print_per_class(metrics: dict, cfg: ModelConfig) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from ..atomic import write_atomic
+    from .evaluate import evaluate_weights
+
     _set_threads(args.threads)
     from ..data.panoptic import is_panoptic_json
 
@@ -277,10 +106,8 @@ def eval_command(args: argparse.Namespace) -> int:
     print_coco(metrics)
     print_per_class(metrics, cfg)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2, default=float))
-        print(f"\nwrote {out}")
+        write_atomic(args.out, json.dumps(metrics, indent=2, default=float))
+        print(f"\nwrote {args.out}")
     return 0
 
 
@@ -312,7 +139,8 @@ def register(subparsers) -> None:
     p.add_argument("--val-images", help="image folder of --val (COCO JSON only)")
     p.add_argument("--split", help="split of --data (e.g. train2017, train)")
     p.add_argument("--val-split", help="split of --val (e.g. val2017, val)")
-    p.add_argument("--preset", default="detr-tiny", help="named configuration (default detr-tiny)")
+    p.add_argument("--preset", default=None,
+                   help=f"named configuration (default: the config file's preset, else {DEFAULT_PRESET})")
     p.add_argument("--config", help="JSON or YAML file of settings")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (repeatable)")
     p.add_argument("--out", required=True, help="run folder")
@@ -326,7 +154,7 @@ def register(subparsers) -> None:
                                      "Hugging Face dir); the class head is re-initialised for the dataset")
     p.add_argument("--keep-class-names", action="store_true",
                    help="with --weights: keep the head rows of classes whose names the checkpoint also has")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(p)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.set_defaults(func=train_command)
 
@@ -341,7 +169,7 @@ def register(subparsers) -> None:
     e.add_argument("--out", help="write the metrics as JSON here")
     e.add_argument("--panoptic-threshold", type=float, default=0.85,
                    help="panoptic data: queries kept above this score (the paper: 0.85)")
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(e)
     e.add_argument("--threads", type=positive_int)
     e.set_defaults(func=eval_command)
 
@@ -351,7 +179,7 @@ def register(subparsers) -> None:
                    help="total time budget (default 15; 20 with --panoptic)")
     j.add_argument("--panoptic", action="store_true",
                    help="the panoptic job: synthetic things + stuff, detector then mask head, PQ (give --out)")
-    j.add_argument("--preset", default="detr-tiny")
+    j.add_argument("--preset", default=DEFAULT_PRESET)
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
     j.add_argument("--num-train", type=positive_int, default=None)
     j.add_argument("--num-val", type=positive_int, default=None)

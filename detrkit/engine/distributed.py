@@ -94,3 +94,13 @@ def broadcast_module(module: torch.nn.Module) -> None:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The DistributedDataParallel runner of `model`. Trainable BN on GPUs gets batch statistics over the
+    global batch (SyncBatchNorm keeps BatchNorm2d's parameters and buffers, so checkpoints are unchanged;
+    `model` is converted in place). It has no CPU kernel; on gloo each process normalises by its own batch
+    and DDP broadcasts rank 0's running statistics."""
+    if model.cfg.backbone_norm == "batch" and device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

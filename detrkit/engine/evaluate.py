@@ -1,4 +1,4 @@
-"""COCO box evaluation with pycocotools (reference section 7).
+"""COCO box evaluation with pycocotools.
 
 Every one of the Q predictions of an image is kept (no threshold), as in the paper. The model runs with
 `batch_invariant=True`, so the numbers do not depend on the evaluation batch size.
@@ -20,10 +20,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from ..postprocess import postprocess
+from ..config import ModelConfig
+from ..postprocess import coco_records, postprocess
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,8 @@ def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category
     dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
     records = []
     for t, d in zip(targets, dets):
-        image_id = int(t["image_id"])
-        xywh = box_convert(d["boxes"], "xyxy", "xywh").tolist()
-        for box, label, score in zip(xywh, d["labels"].tolist(), d["scores"].tolist()):
-            records.append({"image_id": image_id, "category_id": int(category_ids[label]), "bbox": box,
-                            "score": score})
+        records += coco_records(t["image_id"], d["boxes"], [category_ids[i] for i in d["labels"].tolist()],
+                                d["scores"])
     return records
 
 
@@ -278,3 +275,32 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
     if evaluator_out is not None:
         evaluator_out.append(evaluator)
     return summary
+
+
+def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=None, batch_size: int = 4,
+                     device: str = "cpu", amp: str = "none", num_workers: int = 0,
+                     results_path: str | os.PathLike | None = None) -> tuple[dict[str, Any], ModelConfig]:
+    """Evaluate saved weights (anything `weights.load.load_weights` takes) on a dataset (annotation
+    path or DatasetIndex) -> (evaluate()'s dict, the weights' ModelConfig).
+
+    The model runs as `Detector` runs it (its optimised inference copy, bf16 with amp="bf16") on the
+    evaluation transforms' images, so `predict` gives the same records on the same files."""
+    from ..data.dataset import DetectionDataset
+    from ..data.transforms import eval_transforms
+    from ..detector import Detector
+    from .run_data import as_index, coco_ground_truth
+
+    detector = Detector.from_pretrained(weights, device=device, precision="bf16" if amp == "bf16" else "float32")
+    cfg = detector.config
+    index = as_index(data, images_dir, split)
+    if index.no_box_message():
+        log.warning("%s; every AP below is -1 (undefined), not a score", index.no_box_message())
+    missing = set(index.category_ids) - set(cfg.category_ids)
+    if missing:
+        log.warning("%s: categories %s are not known to the model (it knows %s)", index.source,
+                    sorted(missing), cfg.category_ids)
+    dataset = DetectionDataset(index, eval_transforms(cfg.image_size, cfg.max_image_size), skip_bad=True)
+    metrics = evaluate(detector.inference_model, dataset, cfg.category_ids, coco_ground_truth(index),
+                       batch_size=batch_size, device=torch.device(device), amp="none", num_workers=num_workers,
+                       results_path=results_path)
+    return metrics, cfg

@@ -118,3 +118,12 @@ def _run_chunk(batch: list, ks: list[int], out: list, extract, device: torch.dev
         # targets are cloned out of the loader's shared memory: kept tensors would each hold a file descriptor
         target = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in batch[k][1].items()}
         out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target)
+
+
+def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress: bool) -> FeatureCache:
+    """The run's caching stage (cfg.cache_views > 0, frozen backbone): the training samples become
+    their cached backbone features."""
+    # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
+    workers = cfg.num_workers if device.type != "cpu" else 0
+    return FeatureCache(samples, backbone, cfg.cache_views, device, amp=cfg.amp == "bf16", num_workers=workers,
+                        progress=progress)

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import build_model
+from ..weights.load import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,7 @@ class FinetuneInit:
 
 def prepare_finetune(source: str | Path, class_names: list[str], category_ids: list[int] | None = None, *,
                      keep_class_names: bool = False, seed: int = 0) -> FinetuneInit:
-    """Weights `source` (anything `Detector.from_pretrained` takes) adapted to new classes."""
-    from ..detector import load_weights
-
+    """Weights `source` (anything `weights.load.load_weights` takes) adapted to new classes."""
     sd, src_cfg = load_weights(source)
     cfg = src_cfg.with_classes(class_names, category_ids)
     return adapt_to_classes(sd, src_cfg, cfg, keep_class_names=keep_class_names, seed=seed)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -117,6 +116,7 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
     max_size = max_size or cfg.max_image_size
     train_set = PanopticDataset(train_index, panoptic_transforms(True, scales, max_size, hflip=hflip))
     model.to(dev)
+    criterion = None
     if joint:
         from ..losses import SetCriterion
 
@@ -147,25 +147,7 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
             model.train()
             if not joint:
                 model.detr.eval()  # frozen: no dropout, as at inference
-            images = [im.to(dev) for im in images]
-            targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with torch.set_grad_enabled(joint), torch.autocast(dev.type, torch.bfloat16, enabled=amp and not joint):
-                outputs, state = model.detect(images)
-            if amp and not joint:  # the head and the matcher in float32
-                outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
-                state = {k: ([t.float() for t in v] if isinstance(v, list) else v.float() if v.is_floating_point()
-                             else v) for k, v in state.items()}
-            indices = matcher(outputs, targets)
-            queries, tgt_idx = _matched_queries(indices, dev)
-            pred_masks = model.predict_masks(state, queries)
-            n = max(1.0, float(sum(len(t["labels"]) for t in targets)))
-            padded = tuple(state["fpns"][2].shape[-2:])
-            losses = mask_losses(pred_masks, targets, tgt_idx, n, (padded[0] * 4, padded[1] * 4))
-            loss = sum(losses[k] * MASK_WEIGHTS[k] for k in losses)
-            if joint:
-                box = criterion(outputs, targets)
-                losses.update({k: v for k, v in box.items() if not k[-1].isdigit()})
-                loss = loss + criterion.total(box)
+            loss, losses = _mask_loss(model, matcher, criterion if joint else None, images, targets, dev, amp)
             for g in optimizer.param_groups:
                 g["lr"] = lr * lr_factor(step, total, "cosine", None, warmup_steps)
             optimizer.zero_grad(set_to_none=True)
@@ -182,11 +164,7 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
                 window[k] = window.get(k, 0.0) + float(v.detach())
             wn += 1
             if step % 10 == 0:
-                rec = {"type": "train", "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       **{k: v / wn for k, v in window.items()}}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(mask=f"{rec.get('loss_mask', 0):.3f}", dice=f"{rec.get('loss_dice', 0):.3f}")
+                _log_window(log_path, bar, step, optimizer.param_groups[0]["lr"], window, wn)
                 window, wn = {}, 0
             elapsed = time.monotonic() - t0
             if not fitted and step == 30:  # fit the cosine to the time budget, as the detector's run does
@@ -198,6 +176,47 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
                 done = True
                 break
     bar.close()
+    return _finish_mask_head(model, cfg, val_json, out, step, t0, joint, bad_count, device, eval_threshold, progress)
+
+
+def _log_window(log_path: Path, bar, step: int, lr: float, window: dict, n: int) -> None:
+    """The loss terms averaged over the last `n` steps: a metrics.jsonl line and the progress bar."""
+    rec = {"type": "train", "step": step, "lr": lr, **{k: v / n for k, v in window.items()}}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    bar.set_postfix(mask=f"{rec.get('loss_mask', 0):.3f}", dice=f"{rec.get('loss_dice', 0):.3f}")
+
+
+def _mask_loss(model, matcher, criterion, images: list, targets: list[dict], dev: torch.device, amp: bool = False):
+    """One batch through the detector (with gradients only when `criterion`, i.e. joint training) and
+    the mask head on the matched queries -> (weighted total, the loss terms). amp: the frozen detector
+    under bf16 autocast (the head and the matcher stay float32)."""
+    images = [im.to(dev) for im in images]
+    targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    frozen_amp = amp and criterion is None
+    with torch.set_grad_enabled(criterion is not None), torch.autocast(dev.type, torch.bfloat16, enabled=frozen_amp):
+        outputs, state = model.detect(images)
+    if frozen_amp:
+        outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
+        state = {k: ([t.float() for t in v] if isinstance(v, list) else v.float() if v.is_floating_point() else v)
+                 for k, v in state.items()}
+    indices = matcher(outputs, targets)
+    queries, tgt_idx = _matched_queries(indices, dev)
+    pred_masks = model.predict_masks(state, queries)
+    n = max(1.0, float(sum(len(t["labels"]) for t in targets)))
+    padded = tuple(state["fpns"][2].shape[-2:])
+    losses = mask_losses(pred_masks, targets, tgt_idx, n, (padded[0] * 4, padded[1] * 4))
+    loss = sum(losses[k] * MASK_WEIGHTS[k] for k in losses)
+    if criterion is not None:
+        box = criterion(outputs, targets)
+        losses.update({k: v for k, v in box.items() if not k[-1].isdigit()})
+        loss = loss + criterion.total(box)
+    return loss, losses
+
+
+def _finish_mask_head(model, cfg, val_json, out: Path, step: int, t0: float, joint: bool, bad_count: int,
+                      device: str, eval_threshold: float, progress: bool) -> MaskHeadResult:
+    """final/ (native panoptic weights), the PQ evaluation on `val_json` and metrics.json."""
     model.eval()
     from ..weights.native import save_native
 
@@ -205,7 +224,7 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
     metrics: dict = {}
     if val_json is not None:
         metrics = evaluate_panoptic(model, cfg, val_json, device=device, threshold=eval_threshold, progress=progress)
-        with open(log_path, "a") as f:
+        with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"type": "eval", "step": step, **_flat(metrics)}) + "\n")
     seconds = time.monotonic() - t0
     summary = {"steps": step, "seconds": round(seconds, 1), "joint": joint, "bad_samples": bad_count, **metrics}

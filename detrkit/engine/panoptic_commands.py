@@ -12,6 +12,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from ..argtypes import positive_float, positive_int
+from ..device import add_device_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +57,7 @@ def predict_panoptic_files(detector, paths: Sequence[Path], out_dir: str | Path,
     from tqdm.auto import tqdm
 
     from ..data.images import load_image
-    from ..predict_command import image_ids_for
+    from ..predict import image_ids_for
     from ..viz.panoptic import draw_panoptic
 
     out = Path(out_dir)
@@ -105,12 +108,12 @@ def add_train_masks_parser(subparsers) -> argparse.ArgumentParser:
                    help="the box detector (run dir / weights); or panoptic weights to continue")
     p.add_argument("--out", required=True, help="run folder: final/ (panoptic weights), metrics.json")
     p.add_argument("--joint", action="store_true", help="train detector and mask head together (not frozen)")
-    p.add_argument("--lr", type=float, default=1e-4, help="default 1e-4 (the paper)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=25, help="default 25 (the paper)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="default 1e-4 (the paper)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=25, help="default 25 (the paper)")
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--max-minutes", type=positive_float)
+    add_device_argument(p)
     p.set_defaults(func=train_masks_command)
     return p
 

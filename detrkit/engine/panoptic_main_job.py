@@ -35,21 +35,15 @@ def run_panoptic_main_job(out_dir: str | os.PathLike, minutes: float = 20.0, pre
                           sets: list[str] | None = None, num_figures: int = 6) -> dict:
     """Run the whole job within `minutes` (wall clock, data generation included); returns a summary."""
     from ..data.synthetic_panoptic import make_synthetic_panoptic_splits
-    from .commands import build_configs
+    from .main_job import start_job
     from .panoptic import train_mask_head
     from .train import train
 
-    t0 = time.monotonic()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_json, val_json = make_synthetic_panoptic_splits(
-        out / "data", train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
-        image_size=DEFAULT_IMAGE_SIZE, image_format="jpg")
-    model_cfg, train_cfg = build_configs(preset, None, sets)
-    spent = (time.monotonic() - t0) / 60
-    budget = minutes - spent - EVAL_RESERVE_MINUTES
-    if budget <= 1:
-        raise RuntimeError(f"making the data took {spent:.1f} of the {minutes} minutes; nothing left to train")
+    job = start_job(out_dir, minutes, preset, sets, lambda folder: make_synthetic_panoptic_splits(
+        folder, train=num_train or DEFAULT_NUM_TRAIN, val=num_val or DEFAULT_NUM_VAL, seed=0,
+        image_size=DEFAULT_IMAGE_SIZE, image_format="jpg"), EVAL_RESERVE_MINUTES, least_minutes=1.0)
+    t0, out, train_json, val_json = job.t0, job.out, job.train_json, job.val_json
+    model_cfg, train_cfg, budget = job.model_cfg, job.train_cfg, job.budget
     det_minutes = budget * DETECTOR_SHARE
     train_cfg.max_minutes = min(train_cfg.max_minutes or det_minutes, det_minutes)
     log.info("panoptic main job: %.1f min for the detector, then the mask head", train_cfg.max_minutes)

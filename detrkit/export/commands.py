@@ -1,49 +1,16 @@
 """`detrkit export onnx | hf`: write trained weights in other runtimes' formats."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
-import logging
-
-if TYPE_CHECKING:
-    import torch
 
 from ..argtypes import positive_int
 
-logger = logging.getLogger(__name__)
-
-
-def _load_model(weights: str):
-    from ..detector import Detector
-
-    return Detector.from_pretrained(weights).model.eval()
-
-
-def verify_onnx(model: torch.nn.Module, path: str, sizes=((3, 480, 640), (3, 400, 520), (3, 352, 600))) -> float:
-    """Largest |ONNX Runtime - PyTorch float32| over the outputs at batch 1 and a mixed-size batch of 3."""
-    import torch
-
-    from ..model.detr import pad_images
-    from .onnx import OnnxDETR
-
-    session = OnnxDETR(path)
-    gen = torch.Generator().manual_seed(0)
-    worst = 0.0
-    for batch in ([sizes[0]], list(sizes)):
-        images, mask = pad_images([torch.randn(*s, generator=gen) for s in batch])
-        with torch.no_grad():
-            ref = model(images, mask)
-        got = session(images, mask)
-        for key in ("pred_logits", "pred_boxes"):
-            worst = max(worst, (got[key] - ref[key]).abs().max().item())
-    return worst
-
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
-    from .onnx import export_onnx
+    from ..detector import Detector
+    from .onnx import export_onnx, verify_onnx
 
-    model = _load_model(args.weights)
+    model = Detector.from_pretrained(args.weights).model  # the box detector, also of panoptic weights
     path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {path}: inputs images [B,3,H,W] float32, mask [B,H,W] bool (True = padding); "
           f"outputs pred_logits, pred_boxes")

@@ -1,4 +1,4 @@
-"""ResNet backbone with frozen batch norm (reference section 2)."""
+"""ResNet backbone with frozen batch norm."""
 from __future__ import annotations
 
 import torch
@@ -35,7 +35,10 @@ def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
 
 
 class ResNetBody(nn.Module):
-    """conv1 .. layer4 of a torchvision ResNet (no pooling head); returns the C5 map."""
+    """conv1 .. layer4 of a torchvision ResNet (no pooling head).
+
+    forward(x [B,3,H,W]) -> C5 [B,C,H/32,W/32]; stages(x) -> [C2, C3, C4, C5], the outputs of layer1..4
+    (strides 4, 8, 16, 32), for heads that need finer maps (e.g. masks)."""
 
     def __init__(self, resnet: nn.Module):
         super().__init__()
@@ -43,8 +46,15 @@ class ResNetBody(nn.Module):
             setattr(self, name, getattr(resnet, name))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.stages(x)[-1]
+
+    def stages(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        out = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
 
 
 class Backbone(nn.Module):

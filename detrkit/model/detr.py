@@ -1,7 +1,7 @@
-"""DETR: backbone -> 1x1 projection -> transformer -> class and box heads (reference section 1)."""
+"""DETR: backbone -> 1x1 projection -> transformer -> class and box heads, as public blocks."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,12 +48,56 @@ def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return batch, mask
 
 
-class DETR(nn.Module):
-    """The detection transformer.
+class BackboneFeatures(NamedTuple):
+    """What the backbone hands the transformer: features [B,C,h,w] and their padding mask [B,h,w]
+    (True on padding). Passing one to `DETR.forward` skips the backbone (a frozen backbone's cached
+    features)."""
 
-    forward(images, mask=None, return_attention=False) where images is a list of ImageNet-normalised
-    [3,H,W] tensors (padded and masked here) or a padded batch [B,3,H,W] with its mask [B,H,W]
-    (True on padding; None means no padding). Returns a dict:
+    features: Tensor
+    mask: Tensor
+
+
+class Encoded(NamedTuple):
+    """The encoder's output and what the decoder needs beside it.
+
+    memory [B,N,d], pos [B,N,d] (position embedding of the N = h*w tokens, row-major),
+    key_mask [B,N] (True on padding) or None when nothing is padded, mask [B,h,w] (the feature mask),
+    attention [Le,B,heads,N,N] or None (only when asked for), projected [B,d,h,w] (the encoder's input:
+    the backbone features after the 1x1 projection, for heads such as the panoptic mask head).
+    """
+
+    memory: Tensor
+    pos: Tensor
+    key_mask: Tensor | None
+    mask: Tensor
+    attention: Tensor | None
+    projected: Tensor
+
+
+def as_batch(images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A list of [3,H_i,W_i] images (padded here) or a padded batch [B,3,H,W] with its mask [B,H,W]
+    (None: nothing padded) -> (batch [B,3,H,W], mask [B,H,W], True on padding)."""
+    if isinstance(images, (list, tuple)):
+        if mask is not None:
+            raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
+        return pad_images(images)
+    if mask is None:
+        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+    return images, mask
+
+
+class DETR(nn.Module):
+    """The detection transformer, as four public blocks that `forward` composes:
+
+    features(images, mask) -> BackboneFeatures     backbone: [B,C,h,w] and its mask [B,h,w]
+    encode(features) -> Encoded                     1x1 projection, position embedding, encoder
+    decode(encoded) -> (hs [L,B,Q,d], cross [L,B,heads,Q,N] | None)   object queries through the decoder
+    heads(hs) -> {pred_logits, pred_boxes, aux_outputs}               class and box heads
+
+    forward(images, mask=None, return_attention=False, batch_invariant=False): images is a list of
+    ImageNet-normalised [3,H,W] tensors (padded and masked here), a padded batch [B,3,H,W] with its
+    mask [B,H,W] (True on padding; None means no padding), or `BackboneFeatures` (backbone skipped).
+    Returns a dict:
       pred_logits [B,Q,C+1] (last column = no object), pred_boxes [B,Q,4] cxcywh in [0,1] of the
       unpadded image, aux_outputs: list (decoder layers 0..L-2) of dicts with the same two keys.
     With return_attention: attention = {encoder [Le,B,heads,N,N], decoder_cross [Ld,B,heads,Q,N],
@@ -76,50 +120,77 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.bbox_embed = MLP(d, d, 4, 3)
 
-    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
-                return_attention: bool = False, batch_invariant: bool = False, features: bool = False) -> dict:
+    def forward(self, images: Tensor | Sequence[Tensor] | BackboneFeatures, mask: Tensor | None = None,
+                return_attention: bool = False, batch_invariant: bool = False) -> dict:
         """See the class docstring. batch_invariant (list input only): run the backbone on each image
         unpadded and pad the feature maps instead, so every image gets exactly its batch-of-one result
-        (zero padding otherwise leaks into the convolutions near the border). features: `images` is a
-        list of backbone outputs [C,h,w] (a frozen backbone's cached features); the backbone is skipped."""
-        if features:
-            if not isinstance(images, (list, tuple)) or mask is not None:
-                raise ValueError("features=True takes a list of [C,h,w] feature maps and no mask")
-            feature_maps, fmask = pad_images(images)
-            return self._forward_features(feature_maps, fmask, return_attention)
-        if isinstance(images, (list, tuple)):
+        (zero padding otherwise leaks into the convolutions near the border)."""
+        if isinstance(images, BackboneFeatures):
+            if mask is not None:
+                raise ValueError("BackboneFeatures carry their own mask; pass no mask with them")
+            feats = images
+        else:
+            feats = self.features(images, mask, per_image=batch_invariant)
+        return self.from_features(feats, return_attention)
+
+    def features(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
+                 per_image: bool = False) -> BackboneFeatures:
+        """The backbone: images as in `forward` -> BackboneFeatures ([B,C,h,w], mask [B,h,w]).
+
+        per_image (list input only): each image through the backbone alone, then the feature maps
+        padded, so an image's features do not depend on the others in the batch."""
+        if per_image and isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
-            if batch_invariant:
-                features, fmask = self._features_per_image(images)
-            else:
-                images, mask = pad_images(images)
-                features, fmask = self.backbone(images, mask)
-        else:
-            if mask is None:
-                mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-            features, fmask = self.backbone(images, mask)
-        return self._forward_features(features, fmask, return_attention)
+            return BackboneFeatures(*pad_images([self.backbone.body(im[None])[0] for im in images]))
+        return BackboneFeatures(*self.backbone(*as_batch(images, mask)))
 
-    def _features_per_image(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        feats = [self.backbone.body(im[None])[0] for im in images]
-        padded, fmask = pad_images(feats)
-        return padded, fmask
+    def from_features(self, feats: BackboneFeatures, return_attention: bool = False) -> dict:
+        """Everything after the backbone: encode, decode, heads -> the output dict of `forward`."""
+        enc = self.encode(feats, return_attention)
+        hs, cross = self.decode(enc, need_weights=return_attention)
+        out = self.heads(hs)
+        if return_attention:
+            out["attention"] = {"encoder": enc.attention, "decoder_cross": cross, "feature_mask": enc.mask}
+        return out
 
-    def _forward_features(self, features: Tensor, fmask: Tensor, return_attention: bool) -> dict:
+    def encode(self, feats: BackboneFeatures, need_weights: bool = False) -> Encoded:
+        """1x1 projection to d channels, position embedding, encoder -> `Encoded` (memory [B,N,d])."""
+        features, fmask = feats
         pos = self.position(fmask).to(features.dtype).flatten(2).transpose(1, 2)  # [B,N,d]
-        src = self.input_proj(features).flatten(2).transpose(1, 2)  # [B,N,d]
+        projected = self.input_proj(features)  # [B,d,h,w]
         # An all-False mask changes nothing; dropping it lets attention use the unmasked fast path.
-        key_mask = fmask.flatten(1) if (return_attention or torch.jit.is_tracing() or fmask.any()) else None
-        hs, _, attention = self.transformer(src, key_mask, self.query_embed.weight, pos, return_attention)
+        key_mask = fmask.flatten(1) if (need_weights or torch.jit.is_tracing() or fmask.any()) else None
+        memory, weights = self.transformer.encode(projected.flatten(2).transpose(1, 2), pos, key_mask, need_weights)
+        return Encoded(memory, pos, key_mask, fmask, weights, projected)
+
+    def decode(self, enc: Encoded, queries: Tensor | None = None, self_attn_mask: Tensor | None = None,
+               need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Object queries through the decoder -> (hs [L,B,Q,d] every layer after the shared norm,
+        cross-attention [L,B,heads,Q,N] or None).
+
+        queries [B,Q,d]: the query embeddings to decode (default: the learned ones, expanded to the
+        batch); extra queries (e.g. denoising groups) are appended by the caller. self_attn_mask
+        [Q,Q] bool (True: query i must not attend to query j) keeps such groups apart."""
+        if queries is None:
+            queries = self.query_embed.weight[None].expand(enc.memory.shape[0], -1, -1)
+        return self.transformer.decode(enc.memory, enc.pos, enc.key_mask, queries, self_attn_mask, need_weights)
+
+    def heads(self, hs: Tensor) -> dict:
+        """Decoder states hs [L,B,Q,d] -> {pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1],
+        aux_outputs (with aux_loss): the same two keys for layers 0..L-2}."""
         logits = self.class_embed(hs)  # [L,B,Q,C+1]
         boxes = self.bbox_embed(hs).sigmoid()  # [L,B,Q,4]
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        if return_attention:
-            out["attention"] = {**attention, "feature_mask": fmask}
         return out
+
+    def weights_version(self) -> tuple:
+        """Changes whenever a parameter or buffer is replaced or modified in place (a cache key for
+        derived copies such as `optimize_for_inference`'s)."""
+        tensors = (*self.parameters(), *self.buffers())
+        return tuple(id(t) for t in tensors) + tuple(t._version for t in tensors)
 
 
 def build_model(cfg: ModelConfig, backbone_weights: str | None = None) -> DETR:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .detr import as_batch
 from .transformer import MultiheadAttention
 
 logger = logging.getLogger(__name__)
@@ -252,10 +253,10 @@ class InferenceDETR(nn.Module):
         self.dtype = dtype
         self.channels_last = channels_last
         self.compiled = compiled
-        self._forward_features = model._forward_features
+        self._from_features = model.from_features
         if compiled:
             # Compile the parts with static structure; list padding stays eager.
-            self._forward_features = torch.compile(model._forward_features, dynamic=True)
+            self._from_features = torch.compile(model.from_features, dynamic=True)
             model.backbone = torch.compile(model.backbone, dynamic=True)
 
     def _autocast(self, device: torch.device):
@@ -270,22 +271,13 @@ class InferenceDETR(nn.Module):
         device = images.device if isinstance(images, Tensor) else images[0].device
         with self._autocast(device):
             if isinstance(images, (list, tuple)) and batch_invariant:
-                if mask is not None:
-                    raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
-                features, fmask = m._features_per_image(images)
+                feats = m.features(images, mask, per_image=True)
             else:
-                if isinstance(images, (list, tuple)):
-                    if mask is not None:
-                        raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
-                    from .detr import pad_images
-
-                    images, mask = pad_images(images)
-                elif mask is None:
-                    mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=device)
+                images, mask = as_batch(images, mask)
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                features, fmask = m.backbone(images, mask)
-            out = self._forward_features(features, fmask, return_attention)
+                feats = m.features(images, mask)
+            out = self._from_features(feats, return_attention)
         return _to_float32(out) if self.dtype != torch.float32 else out
 
 

@@ -1,4 +1,4 @@
-"""Position embeddings for the flattened feature map (reference section 3)."""
+"""Position embeddings for the flattened feature map."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""DETR's panoptic mask head (paper section 4.4, reference section 12).
+"""DETR's panoptic mask head (paper section 4.4).
 
 A box detector (`DETR`, unchanged and usable alone) plus two modules:
   * `MHAttentionMap`: for every object embedding of the last decoder layer, a multi-head attention
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 from .backbone import feature_mask
-from .detr import DETR, pad_images
+from .detr import DETR, BackboneFeatures, as_batch
 
 _GROUPS = 8  # GroupNorm groups in every block of the mask head (as published)
 
@@ -111,13 +111,7 @@ class MaskHeadSmallConv(nn.Module):
 
 def backbone_levels(detr: DETR, images: Tensor) -> list[Tensor]:
     """The backbone's layer1..layer4 outputs [B,C_i,H/4..H/32,W/4..W/32] (layer4 at H/16 with DC5)."""
-    body = detr.backbone.body
-    x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-    levels = []
-    for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
-        x = layer(x)
-        levels.append(x)
-    return levels
+    return detr.backbone.body.stages(images)
 
 
 def level_channels(detr: DETR) -> list[int]:
@@ -164,49 +158,17 @@ class DETRSegmentation(nn.Module):
     def detect(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                return_attention: bool = False) -> tuple[dict, dict]:
         """The detector's outputs, and what the mask head needs (`state`, for `predict_masks`)."""
-        if hasattr(self.detr, "encode"):  # DETR as public blocks (features/encode/decode/heads)
-            return self._detect_blocks(images, mask, return_attention)
-        if isinstance(images, (list, tuple)):
-            if mask is not None:
-                raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
-            images, mask = pad_images(images)
-        elif mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        detr = self.detr
-        levels = backbone_levels(detr, images)
-        fmask = feature_mask(mask, levels[-1])
-        pos = detr.position(fmask).to(levels[-1].dtype).flatten(2).transpose(1, 2)  # [B,N,d]
-        src_proj = detr.input_proj(levels[-1])  # [B,d,h,w]
-        key_mask = fmask.flatten(1) if (return_attention or fmask.any()) else None
-        hs, memory, attention = detr.transformer(src_proj.flatten(2).transpose(1, 2), key_mask,
-                                                 detr.query_embed.weight, pos, return_attention)
-        logits, boxes = detr.class_embed(hs), detr.bbox_embed(hs).sigmoid()  # [L,B,Q,*]
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.cfg.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": bx} for a, bx in zip(logits[:-1], boxes[:-1])]
-        if return_attention:
-            out["attention"] = {**attention, "feature_mask": fmask}
-        b, d, h, w = src_proj.shape
-        state = {"queries": hs[-1], "memory": memory.transpose(1, 2).reshape(b, d, h, w), "fmask": fmask,
-                 "src_proj": src_proj, "fpns": [levels[2], levels[1], levels[0]]}
-        return out, state
-
-    def _detect_blocks(self, images, mask, return_attention: bool) -> tuple[dict, dict]:
-        from .detr import BackboneFeatures, as_batch
-
         images, mask = as_batch(images, mask)
         detr = self.detr
-        levels = detr.backbone.body.stages(images)
+        levels = backbone_levels(detr, images)  # the C5 map is the detector's features, C2-C4 feed the mask head
         enc = detr.encode(BackboneFeatures(levels[-1], feature_mask(mask, levels[-1])), return_attention)
         hs, cross = detr.decode(enc, need_weights=return_attention)
         out = detr.heads(hs)
         if return_attention:
             out["attention"] = {"encoder": enc.attention, "decoder_cross": cross, "feature_mask": enc.mask}
-        # the encoder's input again (a 1x1 convolution): the mask head concatenates it to the attention maps
-        src_proj = detr.input_proj(levels[-1])  # [B,d,h,w]
-        b, d, h, w = src_proj.shape
+        b, d, h, w = enc.projected.shape
         state = {"queries": hs[-1], "memory": enc.memory.transpose(1, 2).reshape(b, d, h, w), "fmask": enc.mask,
-                 "src_proj": src_proj, "fpns": [levels[2], levels[1], levels[0]]}
+                 "src_proj": enc.projected, "fpns": [levels[2], levels[1], levels[0]]}
         return out, state
 
     def predict_masks(self, state: dict, mask_queries: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""The DETR encoder-decoder transformer, batch-first (reference section 4).
+"""The DETR encoder-decoder transformer, batch-first.
 
 Parameter names and layouts follow the released checkpoints (packed q/k/v ``in_proj_weight``), so
 the authors' weights load without reshaping. Attention runs through
@@ -18,7 +18,8 @@ EXPLICIT_MAX_KEYS = 2048  # longer sequences keep the fused kernel (its memory s
 class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameters, batch-first, fused kernel.
 
-    query [B,Lq,d], key [B,Lk,d], value [B,Lk,d], key_padding_mask [B,Lk] (True = ignore)
+    query [B,Lq,d], key [B,Lk,d], value [B,Lk,d], key_padding_mask [B,Lk] (True = ignore),
+    attn_mask [Lq,Lk] bool (True = query i ignores key j)
     -> (output [B,Lq,d], weights [B,heads,Lq,Lk] or None). Weights are exactly 0 on ignored keys.
     """
 
@@ -36,7 +37,7 @@ class MultiheadAttention(nn.Module):
         return x.view(b, n, self.nheads, self.dim // self.nheads).transpose(1, 2)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         d = self.dim
         w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:  # self-attention: one matmul for q and k
@@ -48,6 +49,8 @@ class MultiheadAttention(nn.Module):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         p = self.dropout if self.training else 0.0
         keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        if attn_mask is not None:
+            keep = ~attn_mask if keep is None else keep & ~attn_mask
         weights = None
         # On CPU the fused kernel's backward is several times slower than plain matmuls for DETR's
         # short sequences (3x at 30 tokens, batch 16, bf16); training there takes the explicit path.
@@ -110,22 +113,22 @@ class DecoderLayer(nn.Module):
         return self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor | None,
-                memory_key_padding_mask: Tensor | None, need_weights: bool = False
-                ) -> tuple[Tensor, Tensor | None]:
-        """tgt, query_pos [B,Q,d] (None: queries were given at the input); memory, pos [B,N,d]
-        -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
+                memory_key_padding_mask: Tensor | None, need_weights: bool = False,
+                self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """tgt, query_pos [B,Q,d] (None: queries were given at the input); memory, pos [B,N,d];
+        self_attn_mask [Q,Q] (True: query i ignores query j) -> ([B,Q,d], cross weights [B,heads,Q,N] | None)."""
         mem_k = memory + pos
 
         if self.pre_norm:
             x = self.norm1(tgt)
             qk = _with_pos(x, query_pos)
-            tgt = tgt + self.dropout(self.self_attn(qk, qk, x)[0])
+            tgt = tgt + self.dropout(self.self_attn(qk, qk, x, attn_mask=self_attn_mask)[0])
             x = self.norm2(tgt)
             attn, w = self.multihead_attn(_with_pos(x, query_pos), mem_k, memory, memory_key_padding_mask, need_weights)
             tgt = tgt + self.dropout(attn)
             return tgt + self._ffn(self.norm3(tgt)), w
         qk = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)[0]))
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt, attn_mask=self_attn_mask)[0]))
         attn, w = self.multihead_attn(_with_pos(tgt, query_pos), mem_k, memory, memory_key_padding_mask, need_weights)
         tgt = self.norm2(tgt + self.dropout(attn))
         return self.norm3(tgt + self._ffn(tgt)), w
@@ -153,18 +156,21 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(d, nheads, dim_ff, dropout, pre_norm) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d)  # shared, applied to every layer's output
 
-    def forward(self, tgt, memory, pos, query_pos, key_padding_mask, need_weights=False):
+    def forward(self, tgt, memory, pos, query_pos, key_padding_mask, need_weights=False, self_attn_mask=None):
         outputs, weights = [], []
         for layer in self.layers:
-            tgt, w = layer(tgt, memory, pos, query_pos, key_padding_mask, need_weights)
+            tgt, w = layer(tgt, memory, pos, query_pos, key_padding_mask, need_weights, self_attn_mask)
             outputs.append(self.norm(tgt))
             weights.append(w)
         return torch.stack(outputs), weights
 
 
 class Transformer(nn.Module):
-    """forward(src [B,N,d], mask [B,N], query_embed [Q,d], pos [B,N,d])
-    -> hs [L,B,Q,d] (every decoder layer, after the shared norm), memory [B,N,d], attention dict.
+    """The encoder and the decoder.
+
+    encode(src [B,N,d], pos [B,N,d], key_mask [B,N] | None) -> (memory [B,N,d], weights [Le,B,heads,N,N] | None)
+    decode(memory, pos, key_mask, queries [B,Q,d], self_attn_mask [Q,Q] | None)
+      -> (hs [L,B,Q,d] every decoder layer after the shared norm, cross weights [L,B,heads,Q,N] | None)
 
     queries_at: "attention" (released DETR: the decoder starts from zeros and the object queries are
     added to queries and keys in every attention) or "input" (the paper's Table 3 variant: the object
@@ -187,17 +193,16 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor,
-                need_weights: bool = False):
-        b = src.shape[0]
-        query_pos = query_embed[None].expand(b, -1, -1)
-        memory, enc_w = self.encoder(src, pos, mask, need_weights)
+    def encode(self, src: Tensor, pos: Tensor, key_mask: Tensor | None,
+               need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        memory, weights = self.encoder(src, pos, key_mask, need_weights)
+        return memory, torch.stack(weights) if need_weights else None
+
+    def decode(self, memory: Tensor, pos: Tensor, key_mask: Tensor | None, queries: Tensor,
+               self_attn_mask: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.queries_at == "input":
-            tgt, query_pos = query_pos, None
+            tgt, query_pos = queries, None
         else:
-            tgt = torch.zeros_like(query_pos)
-        hs, dec_w = self.decoder(tgt, memory, pos, query_pos, mask, need_weights)
-        attention = {}
-        if need_weights:
-            attention = {"encoder": torch.stack(enc_w), "decoder_cross": torch.stack(dec_w)}
-        return hs, memory, attention
+            tgt, query_pos = torch.zeros_like(queries), queries
+        hs, weights = self.decoder(tgt, memory, pos, query_pos, key_mask, need_weights, self_attn_mask)
+        return hs, torch.stack(weights) if need_weights else None

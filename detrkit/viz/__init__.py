@@ -1,9 +1,10 @@
 """Figures: detections drawn on images, what each query slot predicts (paper Fig. 7), attention maps,
 training curves. Every plotting function returns a `matplotlib.figure.Figure` built without pyplot,
 so nothing needs a display; save it with `fig.savefig(path)`."""
-import importlib
 
 # name -> submodule; loaded on first use (PEP 562) so that `detrkit viz --help` needs no torch
+from ..lazy import lazy_names
+
 _LAZY = {
     **dict.fromkeys(("AttentionResult", "compute_attention", "decoder_attention", "default_points",
                      "encoder_attention", "plot_attention", "plot_decoder_attention", "plot_encoder_attention",
@@ -18,9 +19,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'detrkit.viz' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY, globals())

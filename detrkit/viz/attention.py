@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import Tensor
 
+from ..postprocess import postprocess
 from .draw import class_colour, format_label
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,9 @@ def compute_attention(detector: Any, image: Any, threshold: float = 0.5, max_det
         model.train(was_training)
     att = out["attention"]
     (hv, wv), = valid_feature_sizes(att["feature_mask"])
-    prob = out["pred_logits"][0].float().softmax(-1)[:, :-1]
-    scores, labels = prob.max(-1)
-    keep = torch.nonzero(scores > threshold).flatten()
-    keep = keep[scores[keep].argsort(descending=True)]
-    if max_detections is not None:
-        keep = keep[:max_detections]
+    det = postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, max_detections)[0]
+    keep, boxes = det["queries"], det["boxes"]
     h0, w0 = sizes[0]
-    cx, cy, bw, bh = out["pred_boxes"][0, keep].float().unbind(-1)
-    boxes = torch.stack([(cx - bw / 2) * w0, (cy - bh / 2) * h0, (cx + bw / 2) * w0, (cy + bh / 2) * h0], -1)
     dec = decoder_attention(att)[0, keep, :hv, :wv]
     enc = att["encoder"][-1, 0].float().mean(0)  # [N,N]
     h, w = att["feature_mask"].shape[-2:]
@@ -144,8 +139,8 @@ def compute_attention(detector: Any, image: Any, threshold: float = 0.5, max_det
     h1, w1 = x.shape[-2:]
     cell = (stride * h0 / h1, stride * w0 / w1)
     return AttentionResult(
-        image=image, boxes=boxes.cpu().numpy(), scores=scores[keep].cpu().numpy(),
-        labels=labels[keep].cpu().numpy(), slots=keep.cpu().numpy(),
+        image=image, boxes=boxes.cpu().numpy(), scores=det["scores"].cpu().numpy(),
+        labels=det["labels"].cpu().numpy(), slots=keep.cpu().numpy(),
         class_names=list(detector.config.class_names), decoder_maps=dec.cpu().numpy(),
         encoder_weights=enc.cpu().numpy(), cell_size=cell,
     )

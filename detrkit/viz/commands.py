@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ..argtypes import positive_int, probability
+from ..device import add_device_argument
 
 log = logging.getLogger(__name__)
 
@@ -20,29 +21,12 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _dataset_images(data: str, images_dir: str | None, split: str | None) -> list[Path]:
-    """Image files of a dataset (any supported format), or of a plain folder of images."""
-    from ..data.formats import detect_format, load_annotations
-    from ..predict_command import find_images
-
-    path = Path(data)
-    try:
-        detect_format(path)
-    except ValueError:
-        if path.is_dir():  # no annotations: just the images of the folder
-            files, problems = find_images([path], recursive=True)
-            if files:
-                return files
-        raise
-    index = load_annotations(path, split=split, images_dir=images_dir)
-    return [im.file for im in index.images]
-
-
 def run_queries(args: argparse.Namespace) -> int:
+    from ..data.formats import dataset_images
     from ..detector import Detector
     from .queries import collect_slot_predictions, save_query_figures
 
-    files = _dataset_images(args.data, args.images, args.split)
+    files = dataset_images(args.data, args.images, args.split)
     if args.max_images:
         files = files[: args.max_images]
     if not files:
@@ -98,6 +82,21 @@ def run_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_figure_parser(sub, name: str, help_text: str, weights_help: str, example: str, threshold: float,
+                         dpi: int) -> argparse.ArgumentParser:
+    """A figure of one image's detections: image, --weights, --out, --threshold, --max-detections,
+    --device, --dpi."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("image", help="an image file")
+    p.add_argument("--weights", required=True, help=weights_help)
+    p.add_argument("--out", required=True, help=f"figure file, e.g. {example}")
+    p.add_argument("--threshold", type=probability, default=threshold, help="detections scoring above this are shown")
+    p.add_argument("--max-detections", type=positive_int, default=6)
+    add_device_argument(p)
+    p.add_argument("--dpi", type=positive_int, default=dpi)
+    return p
+
+
 def register(subparsers) -> None:
     viz = subparsers.add_parser("viz", help="figures: query slots, attention maps, training curves")
     sub = viz.add_subparsers(dest="viz_command", required=True)
@@ -120,29 +119,17 @@ def register(subparsers) -> None:
                    help="plot only boxes scoring above this (default: every image's box, as in the paper)")
     q.add_argument("--max-images", type=positive_int, default=None, help="use at most N images")
     q.add_argument("--batch-size", type=positive_int, default=4)
-    q.add_argument("--device", default="cpu")
+    add_device_argument(q)
     q.set_defaults(func=run_queries)
 
-    a = sub.add_parser("attention", help="decoder attention per detection and encoder attention per point")
-    a.add_argument("image", help="an image file")
-    a.add_argument("--weights", required=True, help="model weights (as for predict)")
-    a.add_argument("--out", required=True, help="figure file, e.g. attention.png")
-    a.add_argument("--threshold", type=probability, default=0.5, help="detections scoring above this are shown")
+    a = _image_figure_parser(sub, "attention", "decoder attention per detection and encoder attention per point",
+                             "model weights (as for predict)", "attention.png", threshold=0.5, dpi=130)
     a.add_argument("--points", help="encoder reference points 'x,y;x,y' in image pixels "
                                     "(default: centres of the detections)")
-    a.add_argument("--max-detections", type=positive_int, default=6)
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--dpi", type=positive_int, default=130)
     a.set_defaults(func=run_attention)
 
-    m = sub.add_parser("masks", help="per detection: the mask head's attention map of each head and the final mask")
-    m.add_argument("image", help="an image file")
-    m.add_argument("--weights", required=True, help="panoptic weights (with a mask head)")
-    m.add_argument("--out", required=True, help="figure file, e.g. masks.png")
-    m.add_argument("--threshold", type=float, default=0.7, help="detections scoring above this are shown")
-    m.add_argument("--max-detections", type=int, default=6)
-    m.add_argument("--device", default="cpu")
-    m.add_argument("--dpi", type=int, default=110)
+    m = _image_figure_parser(sub, "masks", "per detection: the mask head's attention map of each head and the "
+                             "final mask", "panoptic weights (with a mask head)", "masks.png", threshold=0.7, dpi=110)
     m.set_defaults(func=run_masks)
 
     c = sub.add_parser("curves", help="loss terms and AP over training from RUN_DIR/metrics.jsonl")

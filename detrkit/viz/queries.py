@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..postprocess import class_scores
 from .draw import PALETTE
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ class SlotPredictions:
     def from_outputs(cls, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                      files: Sequence[str] = (), class_names: Sequence[str] = ()) -> "SlotPredictions":
         """From raw model outputs: pred_logits [I,Q,C+1] (last = no object), pred_boxes [I,Q,4]."""
-        prob = pred_logits.float().softmax(-1)[..., :-1]
-        scores, labels = prob.max(-1)
+        scores, labels = class_scores(pred_logits)
         return cls(
             boxes=pred_boxes.float().cpu().numpy(), scores=scores.cpu().numpy(), labels=labels.cpu().numpy(),
             image_sizes=np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2),

@@ -1,4 +1,4 @@
-"""The authors' released `.pth` layout (reference section 9): `{"model": state_dict}`."""
+"""The authors' released `.pth` layout: `{"model": state_dict}`."""
 from __future__ import annotations
 
 import re
@@ -70,10 +70,9 @@ def infer_config(sd: dict[str, torch.Tensor], dilation: bool = False) -> ModelCo
     )
 
 
-def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Load an authors' checkpoint without executing pickled code. DC5 is read from the file name
-    (e.g. detr-r50-dc5-f0fb7ef5.pth) unless `dilation` says otherwise."""
-    path = Path(path)
+def read_pth(path: Path) -> tuple[dict, dict]:
+    """(the whole file, its state dict of tensors) of an authors' `.pth` ({"model": state_dict}, or the
+    bare dict), read without executing code; ValueError for a detrkit training checkpoint or anything else."""
     with open(path, "rb") as f:
         if f.read(13) == b"DETRKIT-CKPT ":
             raise ValueError(f"{path}: a detrkit training checkpoint, not model weights: use the run's "
@@ -82,6 +81,14 @@ def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[s
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a DETR checkpoint (no state dict of tensors under 'model')")
+    return ckpt, sd
+
+
+def load_authors(path: str | Path, dilation: bool | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Load an authors' checkpoint without executing pickled code. DC5 is read from the file name
+    (e.g. detr-r50-dc5-f0fb7ef5.pth) unless `dilation` says otherwise."""
+    path = Path(path)
+    ckpt, sd = read_pth(path)
     panoptic = "detr.class_embed.weight" in sd
     if panoptic:  # a panoptic checkpoint: the box detector inside it (weights/panoptic.py has the rest)
         sd = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}

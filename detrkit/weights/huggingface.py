@@ -134,16 +134,21 @@ def is_huggingface_dir(path: str | Path) -> bool:
         return False
 
 
-def load_huggingface(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Read a Hugging Face DETR directory (safetensors preferred; .bin read with weights_only)."""
+def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A Hugging Face model directory -> (its config.json, its raw state dict); safetensors preferred,
+    a .bin read with weights_only."""
     path = Path(path)
     hf_cfg = json.loads((path / "config.json").read_text())
     if (path / "model.safetensors").exists():
-        hf_sd = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").exists():
-        hf_sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+        return hf_cfg, load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").exists():
+        return hf_cfg, torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_huggingface(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Read a Hugging Face DETR directory (safetensors preferred; .bin read with weights_only)."""
+    hf_cfg, hf_sd = read_hf_dir(path)
     sd = from_hf_state_dict(hf_sd)
     base = infer_config(sd, dilation=bool(hf_cfg.get("dilation", False)))
     num_classes = base.num_classes

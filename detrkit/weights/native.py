@@ -5,26 +5,22 @@ config in its metadata. Either way the SHA-256 of the tensors is recorded and ve
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_atomic
 from ..config import ModelConfig
+from .errors import CheckpointError
 
 FORMAT = "detrkit"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A weights file that cannot be used: names the file and what is wrong."""
 
 
 def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -36,22 +32,6 @@ def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         # reshape(-1): 0-dim tensors (batch norm's num_batches_tracked) cannot be viewed as bytes
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"{path}: disk full, not written; the previous file is kept") from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def is_native(path: str | Path) -> bool:
@@ -75,11 +55,11 @@ def save_native(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path: str
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": digest, "model": cfg.to_dict()}
     if path.suffix == ".safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda p: save_file(state_dict, str(p), metadata={"detrkit": json.dumps(meta)}))
+        write_atomic(path, lambda p: save_file(state_dict, str(p), metadata={"detrkit": json.dumps(meta)}))
         return path
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(state_dict, str(p), metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    write_atomic(path / WEIGHTS_NAME, lambda p: save_file(state_dict, str(p), metadata={"format": "pt"}))
+    write_atomic(path / CONFIG_NAME, json.dumps(meta, indent=2))
     return path
 
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from . import authors, huggingface
@@ -112,11 +112,7 @@ def load_authors_panoptic(path: str | Path, dilation: bool | None = None
                           ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """An authors' panoptic `.pth` ({"model": state_dict}) without executing pickled code."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or foreign pickles
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    _, sd = authors.read_pth(path)
     if not isinstance(sd, dict) or "detr.class_embed.weight" not in sd or not is_panoptic(sd):
         raise ValueError(f"{path}: not a DETR panoptic checkpoint (no detr.class_embed.weight and mask head)")
     if dilation is None:
@@ -156,14 +152,7 @@ def is_hf_segmentation_dir(path: str | Path) -> bool:
 
 def load_hf_segmentation(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """A Hugging Face DetrForSegmentation directory (safetensors preferred; .bin with weights_only)."""
-    path = Path(path)
-    hf_cfg = json.loads((path / "config.json").read_text())
-    if (path / "model.safetensors").exists():
-        hf_sd = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").exists():
-        hf_sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    hf_cfg, hf_sd = huggingface.read_hf_dir(path)
     sd = from_hf_segmentation_state_dict(hf_sd)
     base = authors.infer_config(detector_part(sd), dilation=bool(hf_cfg.get("dilation", False)))
     n = base.num_classes
@@ -215,7 +204,7 @@ def load_panoptic_weights(source: str | Path, dilation: bool | None = None
             return load_authors_panoptic(path, dilation)
         except ValueError:
             pass  # a detector checkpoint: the generic loader below reads it
-    from ..detector import load_weights
+    from .load import load_weights
 
     sd, cfg = load_weights(source, dilation=dilation)
     if is_panoptic(sd) and cfg.num_classes == AUTHORS_NUM_CLASSES and not cfg.stuff_category_ids:

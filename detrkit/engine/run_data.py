@@ -1,0 +1,138 @@
+"""A run's data: the datasets from annotation paths (checked first), reproducible per-sample
+augmentation, and each epoch's loader in the order a resumed run continues."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ModelConfig, TrainConfig
+from ..data.dataset import DetectionDataset, collate
+from ..data.index import DatasetIndex
+from ..data.transforms import make_transforms
+
+log = logging.getLogger(__name__)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item i of epoch e is drawn with RNGs seeded by (seed, e, i).
+
+    The caller's RNG states are restored afterwards, so reading samples in the main process does not
+    disturb dropout or anything else.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        s = (self.seed * 1_000_003 + self.epoch * 10_007 + int(i)) % (2**31 - 1)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s)
+                return self.dataset[i]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def as_index(data, images_dir: str | os.PathLike | None = None, split: str | None = None) -> DatasetIndex:
+    """A DatasetIndex, or an annotation path loaded with detrkit.data.formats.load_annotations."""
+    if isinstance(data, DatasetIndex):
+        return data
+    from ..data.formats import load_annotations
+
+    return load_annotations(data, split=split, images_dir=images_dir)
+
+
+def coco_ground_truth(index: DatasetIndex):
+    """pycocotools COCO object of a DatasetIndex (the evaluator's ground truth)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = index.to_coco()
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        coco.createIndex()
+    return coco
+
+
+def check_or_raise(path, split, images_dir, skip_bad: bool) -> None:
+    """Run the dataset checker on an annotation path; errors abort unless skip_bad (then warnings)."""
+    from ..data.check import check_dataset
+
+    report = check_dataset(path, split=split, images_dir=images_dir, decode_images=False)
+    for p in report.warnings[:20]:
+        log.warning("%s", p)
+    if report.errors:
+        text = "\n  ".join(str(p) for p in report.errors[:20])
+        more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
+        if not skip_bad:
+            raise ValueError(f"{path}: {len(report.errors)} dataset errors:\n  {text}{more}")
+        log.warning("%s: %d dataset errors (skip_bad: the unreadable samples will be skipped):\n  %s%s", path,
+                    len(report.errors), text, more)
+
+
+@dataclass
+class RunData:
+    """train_set: SeededSamples of the augmented training set; val_set: None without validation data;
+    model_cfg: the given one with the training set's classes."""
+
+    train_index: DatasetIndex
+    val_index: DatasetIndex | None
+    train_set: SeededSamples
+    val_set: DetectionDataset | None
+    model_cfg: ModelConfig
+
+
+def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig, *, images_dir=None,
+                  val_images_dir=None, split=None, val_split=None, check: bool = True) -> RunData:
+    """Index (and, for annotation paths, check) both sets; build their datasets with the run's transforms."""
+    if check:  # an index in memory was built by the caller, who can check it
+        if not isinstance(train_data, DatasetIndex):
+            check_or_raise(train_data, split, images_dir, cfg.skip_bad)
+        if val_data is not None and not isinstance(val_data, DatasetIndex):
+            check_or_raise(val_data, val_split, val_images_dir, cfg.skip_bad)
+    train_index = as_index(train_data, images_dir, split)
+    val_index = as_index(val_data, val_images_dir, val_split) if val_data is not None else None
+    if not train_index.images:
+        raise ValueError(f"{train_index.source}: the training set has no images")
+    train_index.require_boxes()
+    model_cfg = model_cfg.with_classes(train_index.class_names, train_index.category_ids)
+    if val_index is not None and val_index.category_ids != train_index.category_ids:
+        log.warning("validation categories %s differ from training categories %s; evaluating on the "
+                    "training ones", val_index.category_ids, train_index.category_ids)
+    train_set = SeededSamples(
+        DetectionDataset(train_index, make_transforms(cfg, model_cfg, True), skip_bad=cfg.skip_bad), cfg.seed)
+    val_set = (DetectionDataset(val_index, make_transforms(cfg, model_cfg, False), skip_bad=True)
+               if val_index is not None else None)
+    return RunData(train_index, val_index, train_set, val_set, model_cfg)
+
+
+def _ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def epoch_loader(dataset, order: list[int], start_batch: int, cfg: TrainConfig, epoch: int,
+                 num_workers: int) -> DataLoader:
+    """The batches of an epoch in `order`, from batch `start_batch` on (a resumed epoch)."""
+    # its own generator: creating the iterator must not draw from the global RNG (dropout), or a
+    # resumed run, which creates one more iterator, would diverge
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+    bs = cfg.batch_size
+    return DataLoader(dataset, batch_size=bs, sampler=order[start_batch * bs:], generator=generator,
+                      collate_fn=collate, num_workers=num_workers,
+                      worker_init_fn=_ignore_signals if num_workers else None)

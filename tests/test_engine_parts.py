@@ -1,0 +1,147 @@
+"""The engine's parts on their own: one training step (accumulation, bf16), the EMA, the config checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detrkit.config import ModelConfig, TrainConfig
+from detrkit.engine.ema import ModelEMA
+from detrkit.engine.step import TrainStep, param_groups
+from detrkit.losses import SetCriterion
+from detrkit.model import build_model
+
+from _train_helpers import tiny_model, tiny_train
+
+
+def _batch(n: int, seed: int = 0):
+    """n images of one size (no padding) with two boxes each (every micro-batch normalises alike)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, 64, 64, generator=g) for _ in range(n)]
+    targets = [{"boxes": torch.cat([0.3 + 0.4 * torch.rand(2, 2, generator=g), 0.1 + 0.2 * torch.rand(2, 2, generator=g)], 1),
+                "labels": torch.randint(0, 2, (2,), generator=g)} for _ in range(n)]
+    return images, targets
+
+
+def _stepper(cfg: TrainConfig, sgd: bool = False, ema: float | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(tiny_model(class_names=["a", "b"])).train()
+    if sgd:  # the update is linear in the gradient, so equal gradients give equal weights
+        opt = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    crit = SetCriterion.from_config(cfg, model.cfg.num_classes)
+    return TrainStep(model, crit, opt, cfg, torch.device("cpu"), ema=ModelEMA(model, ema) if ema else None)
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_both():
+    images, targets = _batch(4)
+    cfg = dict(eos_coef=1.0, clip_max_norm=0.0, lr=0.1)
+    big = _stepper(tiny_train(batch_size=4, **cfg), sgd=True)
+    acc = _stepper(tiny_train(batch_size=2, accumulate=2, **cfg), sgd=True)
+    initial = {k: v.clone() for k, v in big.model.state_dict().items()}
+    out_big = big(images, targets)
+    acc.accumulate(images[:2], targets[:2], sync=False)
+    acc.accumulate(images[2:], targets[2:])
+    out_acc = acc.apply()
+    assert out_big.applied and out_acc.applied and out_acc.images == 4
+    assert out_acc.losses["loss"] == pytest.approx(out_big.losses["loss"], rel=1e-5)
+    assert out_acc.grad_norm == pytest.approx(out_big.grad_norm, rel=1e-4)
+    moved = 0
+    for (name, a), b in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        moved += int(not torch.equal(a, initial[name]))
+    assert moved > 10  # the step changed the weights
+
+
+def test_ema_follows_the_weights_by_its_decay():
+    images, targets = _batch(2)
+    step = _stepper(tiny_train(), ema=0.75)
+    expected = {k: v.clone() for k, v in step.model.state_dict().items()}
+    for _ in range(3):
+        step(images, targets)
+        for k, v in step.model.state_dict().items():
+            expected[k] = 0.75 * expected[k] + 0.25 * v if v.dtype.is_floating_point else v.clone()
+    ema = step.ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    trained = step.model.state_dict()["class_embed.weight"]
+    assert not torch.allclose(ema["class_embed.weight"], trained)  # an average, not a copy
+    assert not any(p.requires_grad for p in step.ema.module.parameters())
+
+
+def test_bf16_training_runs_under_autocast_and_learns():
+    images, targets = _batch(2)
+    step = _stepper(tiny_train(amp="bf16"))
+    dtypes = []
+    step.model.class_embed.register_forward_hook(
+        lambda m, i, o: dtypes.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+    before = {k: v.clone() for k, v in step.model.state_dict().items()}
+    outcomes = [step(images, targets) for _ in range(3)]
+    assert dtypes and all(d == (torch.bfloat16, True) for d in dtypes)
+    assert all(o.applied and torch.isfinite(torch.tensor(o.losses["loss"])) for o in outcomes)
+    changed = [k for k, v in step.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "class_embed.weight" in changed and any(k.startswith("transformer.") for k in changed)
+    assert all(p.dtype == torch.float32 for p in step.model.parameters())  # master weights stay float32
+    assert outcomes[-1].losses["loss"] < outcomes[0].losses["loss"]
+
+
+@pytest.mark.parametrize("cls, kw, field", [
+    (TrainConfig, dict(amp="fp16"), "amp"),
+    (TrainConfig, dict(schedule="linear"), "schedule"),
+    (TrainConfig, dict(batch_size=0), "batch_size"),
+    (TrainConfig, dict(lr=-1e-4), "lr"),
+    (TrainConfig, dict(epochs=0), "epochs"),
+    (TrainConfig, dict(max_steps=0), "max_steps"),
+    (TrainConfig, dict(warmup_steps=-5), "warmup_steps"),
+    (TrainConfig, dict(accumulate=0), "accumulate"),
+    (TrainConfig, dict(ema_decay=1.0), "ema_decay"),
+    (TrainConfig, dict(train_scales=[]), "train_scales"),
+    (TrainConfig, dict(crop_size=[96]), "crop_size"),
+    (TrainConfig, dict(cache_views=2, lr_backbone=1e-5), "cache_views"),
+    (ModelConfig, dict(num_queries=0), "num_queries"),
+    (ModelConfig, dict(dropout=1.5), "dropout"),
+    (ModelConfig, dict(backbone="vgg16"), "backbone"),
+])
+def test_configs_reject_bad_values_when_built_naming_the_field(cls, kw, field):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}\b"):
+        cls(**kw)
+
+
+def test_settings_merge_in_order_and_an_explicit_preset_wins(tmp_path):
+    from detrkit.config import build_configs
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("preset: detr-small\nlr: 3.0e-4\nmodel:\n  num_queries: 7\n")
+    m, t = build_configs(None, cfg_file)  # no --preset: the file's
+    assert (m.backbone, m.num_queries, t.lr) == ("resnet34", 7, 3e-4)
+    m, t = build_configs("detr-tiny", cfg_file, ["lr=5e-4"], epochs=3)  # --preset beats the file's preset:
+    assert (m.backbone, m.num_queries, t.lr, t.epochs) == ("resnet18", 7, 5e-4, 3)
+    cfg_file.write_text("preset: detr-huge\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: unknown preset 'detr-huge'"):
+        build_configs("detr-tiny", cfg_file)
+    cfg_file.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: TrainConfig\.batch_size"):
+        build_configs(None, cfg_file)
+
+
+def test_every_command_defaults_to_the_same_device_and_a_broken_command_module_is_an_error(monkeypatch):
+    import importlib
+
+    from detrkit import cli
+    from detrkit.device import default_device
+
+    parser = cli.build_parser()
+    for argv in (["train", "--data", "d", "--out", "o"], ["eval", "--weights", "w", "--data", "d"],
+                 ["predict", "x.jpg", "--weights", "w"], ["viz", "attention", "x.jpg", "--weights", "w", "--out", "a.png"],
+                 ["bench"]):
+        assert parser.parse_args(argv).device == default_device(), argv
+    real = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "detrkit.viz.commands":
+            raise ImportError("matplotlib is missing")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="matplotlib"):
+        cli.build_parser()
