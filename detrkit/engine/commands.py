@@ -38,6 +38,7 @@ def train_command(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = build_configs(
         args.preset, args.config, args.set, epochs=args.epochs, max_minutes=args.max_minutes,
         max_steps=args.max_steps, batch_size=args.batch_size, amp=args.amp,
+        backbone_weights=args.backbone_weights,
     )
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
@@ -54,6 +55,10 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}  (weights: {result.run_dir / 'final'}, best: {result.run_dir / 'best'})")
     if result.bad_samples:
         print(f"{result.bad_samples} bad samples skipped, listed in {result.run_dir / 'bad_samples.jsonl'}")
+    if result.stop_reason:
+        print(result.stop_reason)
+    if result.diagnosis and not result.diagnosis.get("ok", True):
+        print(result.diagnosis["text"])
     return 0
 
 
@@ -148,6 +153,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--max-minutes", type=positive_float, help="stop after this long, evaluate and save")
     p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--backbone-weights", metavar="imagenet|none|PATH",
+                   help="the backbone's start: torchvision's ImageNet weights (downloaded once into torch hub's "
+                        "cache, hash-checked), none, or a ResNet state dict file (default: the preset's)")
     p.add_argument("--amp", choices=["none", "bf16"])
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--weights", help="fine-tune from these weights (published name, native, authors' .pth or "
