@@ -150,6 +150,14 @@ class TrainConfig(_DictIO):
     set_cost_class: float = 1.0; set_cost_bbox: float = 5.0; set_cost_giou: float = 2.0  # noqa: E702
     ce_loss_coef: float = 1.0; bbox_loss_coef: float = 5.0; giou_loss_coef: float = 2.0  # noqa: E702
     eos_coef: float = 0.1
+    # convergence switches, training-only (engine/convergence.py): the trained model has the paper's
+    # state-dict keys and inference graph. Off in the paper presets.
+    dn_groups: int = 0  # denoising query groups (DN-DETR): noised ground truth as extra decoder queries
+    dn_box_noise: float = 0.4  # box noise: centre moved by up to this x half the size, size scaled by 1 +- this
+    dn_label_noise: float = 0.2  # share of denoising queries given a random class
+    dn_loss_coef: float = 1.0  # weight of the denoising losses (ce, L1, GIoU with the usual weights) in the total
+    query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
+    iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")
     # data
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
@@ -157,9 +165,13 @@ class TrainConfig(_DictIO):
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     hflip: bool = True
     num_workers: int = 2
+    # backbone start (weights/imagenet.py): "imagenet" (torchvision's ImageNet weights, the paper's
+    # start), "none", or a path to a ResNet state dict
+    backbone_weights: str = "none"
     # backbone start when no pretrained weights can be had (engine/pretrain.py): classify the training
     # set's box crops for this many steps first (0: off, the backbone starts from random weights)
     pretrain_steps: int = 0
+    pretrain_background: bool = True  # crops of background as one more class (one-class data still teaches)
     pretrain_lr: float = 1e-3
     pretrain_batch_size: int = 64
     pretrain_crop_size: int = 64
@@ -187,7 +199,12 @@ class TrainConfig(_DictIO):
             "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
             "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
             "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
-            "eval_every_epochs": (0, False)})
+            "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
+            "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False)})
+        _check("TrainConfig", "dn_label_noise", self.dn_label_noise <= 1, "at most 1", self.dn_label_noise)
+        if not isinstance(self.backbone_weights, str) or not self.backbone_weights.strip():
+            raise ValueError(f"TrainConfig.backbone_weights must be 'imagenet', 'none' or a path, got "
+                             f"{self.backbone_weights!r}")
         if self.ema_decay is not None:
             _check("TrainConfig", "ema_decay", self.ema_decay < 1, "below 1 (or null: no EMA)", self.ema_decay)
         _check_sizes(self, "train_scales")
@@ -207,7 +224,9 @@ class Preset:
 
 
 def _paper(backbone: str, dilation: bool) -> Preset:
-    return Preset(ModelConfig(backbone=backbone, dilation=dilation), TrainConfig(), "as published")
+    # the authors' start: torchvision's ImageNet weights
+    return Preset(ModelConfig(backbone=backbone, dilation=dilation), TrainConfig(backbone_weights="imagenet"),
+                  "as published")
 
 
 PRESETS: dict[str, Preset] = {
@@ -220,7 +239,7 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(
             backbone="resnet18", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2,
             dim_feedforward=512, dropout=0.0, num_queries=20, image_size=144, max_image_size=224,
-            queries_at="input",  # paper Table 3 variant: slots differ from the first step (lower loss at equal steps)
+            queries_at="attention",  # the released DETR's decoder (exports to Hugging Face)
         ),
         TrainConfig(
             # the paper's two stages at CPU scale: a classification-pretrained backbone (here from the
@@ -232,9 +251,28 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=100, clip_max_norm=0.1, amp="bf16", num_workers=1, eval_every_epochs=8,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
             pretrain_steps=300, cache_views=3, fit_schedule_to_time=True,
+            # training-only convergence switches (engine/convergence.py): the decoder learns from noised
+            # ground truth and from 3 query sets at once; inference and the weights stay plain DETR
+            dn_groups=4, query_groups=3,
         ),
-        "ResNet-18 (pretrained on box crops, frozen), width 128, 2+2 layers, 20 queries, 128-160 px: "
-        "the CPU default of the main job",
+        "ResNet-18 (pretrained on box and background crops, frozen), width 128, 2+2 layers, 20 queries, "
+        "128-160 px, denoising and group queries in training: the CPU default of the main job",
+    ),
+    # detr-tiny for small objects: stride-16 features (DC5) at 224-288 px, so a 10 px object covers most
+    # of a feature cell; 40 queries (BCCD has up to 28 cells per image). Each step and the feature
+    # cache cost ~3-4x detr-tiny's.
+    "detr-tiny-s16": Preset(
+        ModelConfig(
+            backbone="resnet18", dilation=True, hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2,
+            dim_feedforward=512, dropout=0.0, num_queries=40, image_size=256, max_image_size=320,
+        ),
+        TrainConfig(
+            lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=16, epochs=60, schedule="cosine",
+            warmup_steps=100, clip_max_norm=0.1, amp="bf16", num_workers=1, eval_every_epochs=8,
+            train_scales=[224, 256, 288], train_max_size=352, crop_resize=[224, 256], crop_size=[192, 256],
+            pretrain_steps=300, cache_views=2, fit_schedule_to_time=True, dn_groups=4, query_groups=3,
+        ),
+        "detr-tiny with stride-16 (DC5) features at 224-288 px and 40 queries: objects down to ~10 px",
     ),
     "detr-small": Preset(
         ModelConfig(

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
 from .matching import HungarianMatcher
 
@@ -20,11 +20,15 @@ class SetCriterion(nn.Module):
     Keys: loss_ce, loss_bbox, loss_giou, class_error, cardinality_error (the last two are logs without
     gradient), and loss_ce_i, loss_bbox_i, loss_giou_i, cardinality_error_i for aux output i.
     `total(losses)` is the weighted sum that is trained.
+    iou_aware (training-only switch): a matched query's class target is its box's IoU with the target on
+    the class and the rest on "no object" instead of all on the class, so a query's score learns to rank
+    its box's quality (what AP rewards); the weighted mean stays the paper's.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, eos_coef: float = 0.1,
-                 weight_dict: dict[str, float] | None = None):
+                 weight_dict: dict[str, float] | None = None, iou_aware: bool = False):
         super().__init__()
+        self.iou_aware = iou_aware
         if num_classes < 1:
             raise ValueError(f"SetCriterion: num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -44,7 +48,7 @@ class SetCriterion(nn.Module):
         matcher = HungarianMatcher(train_cfg.set_cost_class, train_cfg.set_cost_bbox, train_cfg.set_cost_giou)
         weights = {"loss_ce": train_cfg.ce_loss_coef, "loss_bbox": train_cfg.bbox_loss_coef,
                    "loss_giou": train_cfg.giou_loss_coef}
-        return cls(num_classes, matcher, train_cfg.eos_coef, weights)
+        return cls(num_classes, matcher, train_cfg.eos_coef, weights, getattr(train_cfg, "iou_aware", False))
 
     def _layer_losses(self, out: dict, targets: list[dict], num_boxes: float, final: bool) -> dict[str, Tensor]:
         logits = out["pred_logits"].float()  # [B,Q,C+1]
@@ -56,10 +60,19 @@ class SetCriterion(nn.Module):
 
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         classes[batch_idx, pred_idx] = tgt_labels.to(logits.device)
-        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, self.class_weight)}
-
         src_boxes = out["pred_boxes"][batch_idx, pred_idx].float()
         tgt_boxes = tgt_boxes.to(src_boxes)
+        if self.iou_aware:
+            with torch.no_grad():
+                iou = box_iou(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")).diagonal()
+            soft = F.one_hot(classes, self.num_classes + 1).float()  # [B,Q,C+1]
+            soft[batch_idx, pred_idx] *= iou[:, None]
+            soft[batch_idx, pred_idx, self.num_classes] = 1 - iou
+            w = self.class_weight[classes]  # per-slot weight of its hard class, as cross_entropy weighs
+            nll = -(soft * logits.log_softmax(-1)).sum(-1)
+            losses = {"loss_ce": (w * nll).sum() / w.sum()}
+        else:
+            losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, self.class_weight)}
         losses["loss_bbox"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
         # eps=0: the exact GIoU of the paper (target boxes never have zero area)
         losses["loss_giou"] = generalized_box_iou_loss(

@@ -76,7 +76,8 @@ def test_train_pretrains_then_caches(tmp_path):
     result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False)
     assert result.status == "completed" and result.step == 4
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["type"] == "pretrain" and rows[0]["pretrain_crops"] > 0
+    assert rows[0]["type"] == "backbone_start" and rows[0]["kind"] == "pretrained-crops"
+    assert rows[0]["details"]["pretrain_crops"] > 0
     assert "AP" in result.metrics
 
 

@@ -115,3 +115,33 @@ def test_data_synth_command(tmp_path, capsys):
     assert len(data["images"]) == 3 and [c["id"] for c in data["categories"]] == [3, 17, 90]
     assert all((out / im["file_name"]).is_file() for im in data["images"])
     assert "3 images" in capsys.readouterr().out
+
+
+def test_hard_variant_properties():
+    """4 classes, 1-9 objects of 10-120 px (box sides, before occlusion trims them) in 224-320 px
+    images, and objects both darker and brighter than their background."""
+    counts, darker, brighter, sides = [], 0, 0, []
+    for seed in range(40):
+        sample = render_sample(np.random.default_rng(seed), "hard")
+        w, h = sample.image.size
+        assert 224 <= w <= 320 and 224 <= h <= 320
+        counts.append(len(sample.objects))
+        pixels = np.asarray(sample.image).astype(float)
+        background = pixels[sample.label_map == 0].mean()
+        for k, o in enumerate(sample.objects, start=1):
+            assert o.category_id in (1, 2, 3, 4)
+            sides.append(max(o.bbox[2], o.bbox[3]))
+            if pixels[sample.label_map == k].mean() < background:
+                darker += 1
+            else:
+                brighter += 1
+    assert min(counts) == 1 and max(counts) == 9 and len(set(counts)) >= 7
+    assert max(sides) <= 121 and min(sides) < 16  # 121: the rasteriser includes the end pixel and np.median(sides) < 60
+    assert darker > 20 and brighter > 20
+
+
+def test_synth_command_hard(tmp_path):
+    assert cli_main(["data", "synth", str(tmp_path / "h"), "--images", "3", "--variant", "hard"]) == 0
+    index = load_coco(tmp_path / "h" / "annotations.json")
+    assert index.class_names == ["ellipse", "rectangle", "triangle", "cross"]
+    assert all(224 <= r.width <= 320 and 224 <= r.height <= 320 for r in index.images)

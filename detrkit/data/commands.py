@@ -14,9 +14,10 @@ from .synthetic import VARIANTS
 
 def _run_synth(args: argparse.Namespace) -> int:
     from .coco import load_coco
-    from .synthetic import make_synthetic
+    from .synthetic import DEFAULTS, make_synthetic
 
-    lo, hi = args.min_side, args.max_side
+    default = DEFAULTS[args.variant].image_size
+    lo, hi = args.min_side or default[0], args.max_side or default[1]
     if not 16 <= lo <= hi:
         print(f"error: need 16 <= --min-side <= --max-side, got {lo}, {hi}")
         return 2
@@ -49,9 +50,11 @@ def add_synth_command(data_sub) -> None:
     p.add_argument("--images", type=positive_int, default=200, help="number of images (default 200)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed; the same seed gives the same files")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="shapes",
-                   help="shapes: 5 classes, ids 1-5; other: 3 different shapes, ids 3, 17, 90")
-    p.add_argument("--min-side", type=positive_int, default=192, help="smallest image side in pixels")
-    p.add_argument("--max-side", type=positive_int, default=320, help="largest image side in pixels")
+                   help="shapes: 5 classes, ids 1-5; other: 3 different shapes, ids 3, 17, 90; hard: 4 classes, "
+                        "1-9 objects of 10-120 px, random colours (either brighter), distractor lines")
+    p.add_argument("--min-side", type=positive_int, default=None, help="smallest image side in pixels (default: "
+                   "192, hard: 224)")
+    p.add_argument("--max-side", type=positive_int, default=None, help="largest image side in pixels (default 320)")
     p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image file format")
     p.add_argument("--panoptic", action="store_true",
                    help="a panoptic set instead: stuff regions (sky, ground, stripes) under thing shapes; "

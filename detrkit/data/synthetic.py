@@ -5,9 +5,11 @@ large) and elongation (wide or tall), partly occluding each other. Boxes are the
 shape's visible pixels (COCO convention), so they match the drawing exactly. Output is deterministic
 for a seed: the same seed writes the same bytes.
 
-Variants: "shapes" (ellipse, rectangle, triangle, star, cross; category ids 1..5) and "other"
+Variants: "shapes" (ellipse, rectangle, triangle, star, cross; category ids 1..5), "other"
 (diamond, ring, hexagon; category ids 3, 17, 90 -- different shapes and non-contiguous ids, to show a
-preset learns data it has never seen).
+preset learns data it has never seen) and "hard" (ellipse, rectangle, triangle, cross; 1-9 objects of
+10-120 px in 224-320 px images; object and background colours fully random, so either can be the
+brighter; more and longer thin distractor lines): data nobody tuned a recipe for.
 """
 from __future__ import annotations
 
@@ -28,7 +30,29 @@ log = logging.getLogger(__name__)
 VARIANTS: dict[str, list[tuple[int, str]]] = {
     "shapes": [(1, "ellipse"), (2, "rectangle"), (3, "triangle"), (4, "star"), (5, "cross")],
     "other": [(3, "diamond"), (17, "ring"), (90, "hexagon")],
+    "hard": [(1, "ellipse"), (2, "rectangle"), (3, "triangle"), (4, "cross")],
 }
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    """What a variant draws unless the caller says otherwise."""
+
+    image_size: tuple[int, int] = (192, 320)  # (min, max) side in pixels
+    max_objects: int = 6
+    object_size: tuple[float, float] = (0.1, 0.65)  # fraction of the shorter side, or pixels if object_px
+    object_px: bool = False  # object_size is in pixels
+    any_polarity: bool = False  # object and background colours fully random (either may be brighter)
+    lines: tuple[int, int] = (0, 4)  # distractor line count range [lo, hi)
+
+
+DEFAULTS: dict[str, VariantDefaults] = {
+    "shapes": VariantDefaults(),
+    "other": VariantDefaults(),
+    "hard": VariantDefaults(image_size=(224, 320), max_objects=9, object_size=(10, 120), object_px=True,
+                            any_polarity=True, lines=(2, 7)),
+}
+_HARD_CONTRAST = 60.0  # any-polarity colours: RGB distance to the background under the object
 
 _MIN_VISIBLE = 0.6  # an occluded shape keeps at least this fraction of its pixels
 _MIN_SIDE = 8  # pixels: the smallest box side drawn
@@ -106,9 +130,10 @@ def _shape_mask(name: str, box: tuple[float, float, float, float], size: tuple[i
     return np.asarray(mask) > 0
 
 
-def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+def _background(rng: np.random.Generator, w: int, h: int, style: VariantDefaults = DEFAULTS["shapes"]) -> np.ndarray:
     """Float [H,W,3]: a colour gradient, low-frequency texture, distractor lines, pixel noise."""
-    c0, c1 = rng.uniform(0, _BACKGROUND_MAX, 3), rng.uniform(0, _BACKGROUND_MAX, 3)
+    top = 255.0 if style.any_polarity else _BACKGROUND_MAX
+    c0, c1 = rng.uniform(0, top, 3), rng.uniform(0, top, 3)
     angle = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     t = (xx * math.cos(angle) + yy * math.sin(angle))
@@ -120,8 +145,8 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     img = img + texture
     lines = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(lines)
-    line_color = rng.uniform(0, _BACKGROUND_MAX + 40, 3)
-    for _ in range(int(rng.integers(0, 4))):
+    line_color = rng.uniform(0, 255.0 if style.any_polarity else _BACKGROUND_MAX + 40, 3)
+    for _ in range(int(rng.integers(*style.lines))):
         draw.line([tuple(rng.uniform(0, [w, h])), tuple(rng.uniform(0, [w, h]))], fill=255, width=int(rng.integers(1, 3)))
     on = np.asarray(lines) > 0
     img[on] = line_color
@@ -130,33 +155,43 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 
 def render_sample(rng: np.random.Generator, variant: str = "shapes",
-                  image_size: tuple[int, int] = (192, 320), max_objects: int = 6,
-                  object_size: tuple[float, float] = (0.1, 0.65)) -> SyntheticSample:
+                  image_size: tuple[int, int] | None = None, max_objects: int | None = None,
+                  object_size: tuple[float, float] | None = None) -> SyntheticSample:
     """Draw one image with 1..max_objects shapes.
 
     `image_size` = (min, max) side length in pixels (width and height drawn separately);
-    `object_size` = (min, max) shape size as a fraction of the image's shorter side (log-uniform).
+    `object_size` = (min, max) shape size (log-uniform) as a fraction of the image's shorter side, in
+    pixels for the "hard" variant. None: the variant's default (`DEFAULTS`).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown synthetic variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    style = DEFAULTS[variant]
+    image_size = image_size or style.image_size
+    max_objects = style.max_objects if max_objects is None else max_objects
+    object_size = style.object_size if object_size is None else object_size
     lo, hi = image_size
     w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-    img = _background(rng, w, h)
+    img = _background(rng, w, h, style)
     label_map = np.zeros((h, w), dtype=np.int32)
     full_area: list[int] = []
     colors: list[tuple[int, int, int]] = []
     categories: list[int] = []
     classes = VARIANTS[variant]
     short = min(w, h)
-    if max_objects < 1 or not 0 < object_size[0] <= object_size[1] <= 1:
-        raise ValueError(f"need max_objects >= 1 and 0 < min <= max <= 1 object_size, got {max_objects}, {object_size}")
+    if max_objects < 1 or not 0 < object_size[0] <= object_size[1] <= (short if style.object_px else 1):
+        raise ValueError(f"need max_objects >= 1 and 0 < min <= max <= {'the image side' if style.object_px else 1} "
+                         f"object_size, got {max_objects}, {object_size}")
+    scale = 1.0 if style.object_px else short
+    # pixels: in the pixel-sized variant no box side leaves object_size
+    min_side = max(_MIN_SIDE, object_size[0]) if style.object_px else _MIN_SIDE
+    max_side = object_size[1] if style.object_px else math.inf
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cid, name = classes[int(rng.integers(len(classes)))]
         for _attempt in range(30):
-            side = short * math.exp(rng.uniform(math.log(object_size[0]), math.log(object_size[1])))
+            side = scale * math.exp(rng.uniform(math.log(object_size[0]), math.log(object_size[1])))
             aspect = math.exp(rng.uniform(-math.log(2.5), math.log(2.5)))  # wide or tall
-            bw = float(np.clip(side * math.sqrt(aspect), _MIN_SIDE, w - 2))
-            bh = float(np.clip(side / math.sqrt(aspect), _MIN_SIDE, h - 2))
+            bw = float(np.clip(side * math.sqrt(aspect), min_side, min(w - 2, max_side)))
+            bh = float(np.clip(side / math.sqrt(aspect), min_side, min(h - 2, max_side)))
             x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
             mask = _shape_mask(name, (x0, y0, x0 + bw, y0 + bh), (w, h), rng)
             if mask.sum() < _MIN_SIDE * _MIN_SIDE // 2:
@@ -168,9 +203,14 @@ def render_sample(rng: np.random.Generator, variant: str = "shapes",
                 continue
             under = img[mask].mean(axis=0)
             for _c in range(10):
-                color = np.rint(_shape_color(rng))
-                if np.linalg.norm(color - under) >= _MIN_CONTRAST:
-                    break
+                if style.any_polarity:  # any colour: darker or brighter than what is under it
+                    color = np.rint(rng.uniform(0, 255, 3))
+                    if np.linalg.norm(color - under) >= _HARD_CONTRAST:
+                        break
+                else:
+                    color = np.rint(_shape_color(rng))
+                    if np.linalg.norm(color - under) >= _MIN_CONTRAST:
+                        break
             img[mask] = color
             label_map[mask] = len(full_area) + 1
             full_area.append(int(mask.sum()))
@@ -196,10 +236,10 @@ def make_synthetic(
     num_images: int = 200,
     seed: int = 0,
     variant: str = "shapes",
-    image_size: tuple[int, int] = (192, 320),
+    image_size: tuple[int, int] | None = None,
     image_format: str = "jpg",
-    max_objects: int = 6,
-    object_size: tuple[float, float] = (0.1, 0.65),
+    max_objects: int | None = None,
+    object_size: tuple[float, float] | None = None,
 ) -> Path:
     """Write `out_dir/annotations.json` (COCO) and `out_dir/images/*.jpg|png`; return the JSON path."""
     if variant not in VARIANTS:

@@ -38,6 +38,7 @@ def train_command(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = build_configs(
         args.preset, args.config, args.set, epochs=args.epochs, max_minutes=args.max_minutes,
         max_steps=args.max_steps, batch_size=args.batch_size, amp=args.amp,
+        backbone_weights=args.backbone_weights,
     )
     result = train(model_cfg, train_cfg, args.data, args.val, args.out, device=args.device, resume=args.resume,
                    images_dir=args.images, val_images_dir=args.val_images, split=args.split,
@@ -54,6 +55,10 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}  (weights: {result.run_dir / 'final'}, best: {result.run_dir / 'best'})")
     if result.bad_samples:
         print(f"{result.bad_samples} bad samples skipped, listed in {result.run_dir / 'bad_samples.jsonl'}")
+    if result.stop_reason:
+        print(result.stop_reason)
+    if result.diagnosis and not result.diagnosis.get("ok", True):
+        print(result.diagnosis["text"])
     return 0
 
 
@@ -95,6 +100,12 @@ def eval_command(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
     _set_threads(args.threads)
+    from ..data.panoptic import is_panoptic_json
+
+    if is_panoptic_json(args.data):  # PQ/SQ/RQ + mask AP (engine/panoptic_commands.py)
+        from .panoptic_commands import eval_panoptic_command
+
+        return eval_panoptic_command(args.weights, args.data, args.device, args.panoptic_threshold, args.out)
     metrics, cfg = evaluate_weights(args.weights, args.data, args.images, args.split, args.batch_size,
                                     args.device, args.amp, args.num_workers)
     print_coco(metrics)
@@ -110,7 +121,12 @@ def main_job_command(args: argparse.Namespace) -> int:
     from .main_job import run_main_job
 
     _set_threads(args.threads)
-    summary = run_main_job(args.out, minutes=args.minutes, preset=args.preset, variant=args.variant,
+    if args.panoptic:
+        from .panoptic_commands import main_job_panoptic
+
+        return main_job_panoptic(args)
+    minutes = 15.0 if args.minutes is None else args.minutes
+    summary = run_main_job(args.out, minutes=minutes, preset=args.preset, variant=args.variant,
                            num_train=args.num_train, num_val=args.num_val, sets=args.set)
     print_coco(summary["metrics"])
     print(f"\nmain job: AP {summary['metrics'].get('AP', 0):.3f}  AP50 {summary['metrics'].get('AP50', 0):.3f}  "
@@ -137,6 +153,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--max-minutes", type=positive_float, help="stop after this long, evaluate and save")
     p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--backbone-weights", metavar="imagenet|none|PATH",
+                   help="the backbone's start: torchvision's ImageNet weights (downloaded once into torch hub's "
+                        "cache, hash-checked), none, or a ResNet state dict file (default: the preset's)")
     p.add_argument("--amp", choices=["none", "bf16"])
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--weights", help="fine-tune from these weights (published name, native, authors' .pth or "
@@ -147,7 +166,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.set_defaults(func=train_command)
 
-    e = subparsers.add_parser("eval", help="COCO evaluation of saved weights")
+    e = subparsers.add_parser("eval", help="COCO evaluation of saved weights (PQ + mask AP on COCO panoptic data)")
     e.add_argument("--weights", required=True, help="native weights folder / .safetensors, or a last.pt")
     e.add_argument("--data", required=True, help="annotations (COCO JSON, YOLO or VOC folder)")
     e.add_argument("--images", help="image folder (COCO JSON only)")
@@ -156,13 +175,18 @@ def register(subparsers) -> None:
     e.add_argument("--num-workers", type=non_negative_int, default=0)
     e.add_argument("--amp", choices=["none", "bf16"], default="none")
     e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--panoptic-threshold", type=float, default=0.85,
+                   help="panoptic data: queries kept above this score (the paper: 0.85)")
     add_device_argument(e)
     e.add_argument("--threads", type=positive_int)
     e.set_defaults(func=eval_command)
 
     j = subparsers.add_parser("main-job", help="synthetic data -> train detr-tiny on CPU -> evaluate -> figures")
     j.add_argument("--out", default="runs/main", help="run folder (default runs/main)")
-    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget (default 15)")
+    j.add_argument("--minutes", type=positive_float, default=None,
+                   help="total time budget (default 15; 20 with --panoptic)")
+    j.add_argument("--panoptic", action="store_true",
+                   help="the panoptic job: synthetic things + stuff, detector then mask head, PQ (give --out)")
     j.add_argument("--preset", default=DEFAULT_PRESET)
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
     j.add_argument("--num-train", type=positive_int, default=None)

@@ -37,8 +37,11 @@ class Checkpointer:
     """Saves and restores RUN_DIR/last.pt for one run. `save` is collective: every rank calls it."""
 
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA | None,
-                 model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device):
+                 model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device,
+                 extra: nn.Module | None = None):
         self.run_dir, self.model, self.optimizer, self.ema = run_dir, model, optimizer, ema
+        self.extra = extra  # training-only queries of the convergence switches (not in "model")
+        self.backbone_start = None  # a BackboneStart: what the backbone started from
         self.model_cfg, self.train_cfg, self.device = model_cfg, train_cfg, device
         self.world, self.rank = dist_utils.world_size(), dist_utils.rank()
 
@@ -52,6 +55,8 @@ class Checkpointer:
             "rng": rngs, "world_size": self.world, "best_ap": s.best_ap, "metrics": s.metrics,
             "skipped_steps": s.skipped_steps, "model_cfg": self.model_cfg.to_dict(),
             "train_cfg": self.train_cfg.to_dict(),
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+            "backbone_start": self.backbone_start.to_dict() if self.backbone_start is not None else None,
         }
 
     def save(self, s: RunState) -> None:
@@ -70,6 +75,12 @@ class Checkpointer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
+        if self.extra is not None and state.get("extra") is not None:
+            self.extra.load_state_dict(state["extra"])
+        if state.get("backbone_start"):
+            from .backbone_start import BackboneStart
+
+            self.backbone_start = BackboneStart(**state["backbone_start"])
         s.step, s.epoch, s.batches_done = state["step"], state["epoch"], state["batches_done"]
         s.order = state.get("order")
         s.best_ap, s.metrics = state.get("best_ap"), state.get("metrics") or {}

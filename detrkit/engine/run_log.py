@@ -56,8 +56,10 @@ class RunLog:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def start(self, model_cfg: ModelConfig, train_cfg: TrainConfig, state: RunState, resumed: bool) -> None:
-        """config.json, the TensorBoard writer (optional at run time) and the progress bar."""
+    def start(self, model_cfg: ModelConfig, train_cfg: TrainConfig, state: RunState, resumed: bool,
+              info: dict | None = None) -> None:
+        """config.json (with `info`, e.g. what the backbone started from), the TensorBoard writer
+        (optional at run time) and the progress bar."""
         if self.main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -66,8 +68,8 @@ class RunLog:
             except Exception as e:
                 log.warning("TensorBoard logging disabled: %s", e)
             (self.run_dir / "config.json").write_text(json.dumps(
-                {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "world_size": dist_utils.world_size()},
-                indent=2))
+                {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "world_size": dist_utils.world_size(),
+                 **(info or {})}, indent=2))
         self.bar = tqdm(total=state.total_steps, initial=state.step, disable=not (self.main and self.progress),
                         desc="train", dynamic_ncols=True, unit="step")
 

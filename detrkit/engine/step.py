@@ -44,10 +44,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.AdamW:
     """AdamW over `param_groups`; the fused kernel is several times faster than the per-tensor loop on
-    CPU as well as on CUDA."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    CPU as well as on CUDA. extra: training-only parameters (convergence switches), trained with the
+    transformer."""
+    groups = param_groups(model, cfg)
+    if extra is not None:
+        groups[0]["params"] = groups[0]["params"] + [p for p in extra.parameters() if p.requires_grad]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 @dataclass
@@ -65,16 +69,22 @@ class StepOutcome:
 class TrainStep:
     """Forward, loss, backward, clip and AdamW for one model.
 
-    model: the DETR being trained; runner: what is called for the forward (the model, or its DDP
-    wrapper); cached_features: the batches hold cached backbone features [C,h,w], not images.
+    model: the DETR being trained; extra: the training-only queries of the convergence switches
+    (engine/convergence.py; None when they are off), then `module` = TrainingModel(model, extra) is what
+    runs and the criterion is a ConvergenceLoss; runner: what is called for the forward (`module`, or its
+    DDP wrapper); cached_features: the batches hold cached backbone features [C,h,w], not images.
     cfg.accumulate micro-batches make one optimizer step (each loss is divided by it).
     """
 
-    def __init__(self, model: nn.Module, criterion: SetCriterion, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: TrainConfig, device: torch.device, *, ema: ModelEMA | None = None,
-                 runner: nn.Module | None = None, cached_features: bool = False):
+                 runner: nn.Module | None = None, cached_features: bool = False, extra: nn.Module | None = None):
+        from .convergence import TrainingModel
+
         self.model, self.criterion, self.optimizer, self.ema = model, criterion, optimizer, ema
-        self.runner = runner if runner is not None else model
+        self.extra = extra
+        self.module = TrainingModel(model, extra) if extra is not None else model
+        self.runner = runner if runner is not None else self.module
         self.cached_features = cached_features
         self.device = device
         self.accum = max(1, cfg.accumulate)
@@ -87,13 +97,21 @@ class TrainStep:
     @classmethod
     def build(cls, model: nn.Module, cfg: TrainConfig, device: torch.device) -> "TrainStep":
         """The step `train` runs for `model` (a DETR on `device`): its backbone frozen when
-        lr_backbone <= 0, the Hungarian set loss, fused AdamW, and the EMA when cfg.ema_decay is set."""
+        lr_backbone <= 0, the Hungarian set loss, fused AdamW, and the EMA when cfg.ema_decay is set;
+        with a convergence switch on (dn_groups, query_groups), the training-only queries and their loss."""
+        from .convergence import ConvergenceLoss, TrainingQueries
+
         if cfg.lr_backbone <= 0:
             model.backbone.requires_grad_(False)
         criterion = SetCriterion.from_config(cfg, model.cfg.num_classes).to(device)
-        optimizer = build_optimizer(model, cfg)
+        extra = TrainingQueries.from_config(cfg, model).to(device)
+        if not extra.active:
+            extra = None
+        else:
+            criterion = ConvergenceLoss(criterion, cfg.dn_loss_coef)
+        optimizer = build_optimizer(model, cfg, extra)
         ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
-        return cls(model, criterion, optimizer, cfg, device, ema=ema)
+        return cls(model, criterion, optimizer, cfg, device, ema=ema, extra=extra)
 
     def _reset(self) -> None:
         self._bad, self._images, self._losses = False, 0, {}
@@ -113,7 +131,7 @@ class TrainStep:
         with self.runner.no_sync() if no_sync else contextlib.nullcontext():
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                outputs = self.runner(inputs)
+                outputs = self.runner(inputs, targets) if self.extra is not None else self.runner(inputs)
             losses = self.criterion(outputs, targets)
             total = self.criterion.total(losses)
             if dist_utils.all_reduce_max([float(not torch.isfinite(total).item())], self.device)[0] > 0:

@@ -32,7 +32,7 @@ from ..weights.native import save_native
 from . import distributed as dist_utils
 from .budget import ScheduleFitter, TimeBudget
 from .feature_cache import cache_part
-from .pretrain import pretrain_part
+from .backbone_start import BackboneStart, backbone_start_part
 from .resume import Checkpointer
 from .run_data import coco_ground_truth, epoch_loader, load_run_data
 from .run_lock import RunLock
@@ -44,6 +44,11 @@ from .stop import StopFlag
 from .validation import Validator
 
 log = logging.getLogger(__name__)
+
+MAX_EPOCHS_UNDER_TIME = 100_000  # under --max-minutes with validation: the time and the plateau end the run
+PLATEAU_EVALS = 3  # the epoch ceiling ends a timed run when the best AP has not improved in this many evaluations
+PLATEAU_DELTA = 0.005  # ... by more than this (absolute AP)
+DIAGNOSE_IMAGES = 20  # validation images whose predicted boxes the end-of-run diagnosis looks at
 
 
 @dataclass
@@ -57,6 +62,8 @@ class TrainResult:
     bad_samples: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
+    diagnosis: dict | None = None  # engine/diagnose.py: failure signs and likely causes ("ok": True if none)
+    stop_reason: str = ""  # why the run ended, in words (e.g. the epoch ceiling after a plateau)
 
 
 @dataclass
@@ -75,6 +82,10 @@ class _Run:
     fitter: ScheduleFitter | None
     step_callback: Callable[[int, nn.Module], None] | None
     device: torch.device
+    train_index: object = None  # the training DatasetIndex (object sizes for the diagnosis)
+    backbone_start: BackboneStart | None = None
+    ap_history: list = field(default_factory=list)  # (step, AP) of this session's evaluations
+    stop_reason: str = ""
 
     @property
     def eval_model(self) -> nn.Module:
@@ -146,7 +157,8 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
                                  shuffle=True, seed=train_cfg.seed)
     plan = Plan.of(len(sampler), train_cfg)
     state = RunState.fresh(plan, train_cfg)
-    checkpointer = Checkpointer(run_dir, model, trainer.optimizer, trainer.ema, model_cfg, train_cfg, dev)
+    checkpointer = Checkpointer(run_dir, model, trainer.optimizer, trainer.ema, model_cfg, train_cfg, dev,
+                                extra=trainer.extra)
     resumed = resume and checkpointer.exists()
     if resumed:
         checkpointer.restore(state)
@@ -157,19 +169,29 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
     run_log = RunLog(run_dir, progress, budget.clock)
     train_set = data.train_set
-    if not resumed and init_weights is None and train_cfg.pretrain_steps > 0:
-        pretrain_part(model, train_set, train_cfg, dev, progress, run_log.write, trainer.ema)
+    if resumed:
+        start = checkpointer.backbone_start or BackboneStart("checkpoint", "resumed run (start not recorded)")
+    elif init_weights is not None:
+        start = BackboneStart("checkpoint", f"fine-tuning from {init_weights}")
+    else:
+        start = backbone_start_part(model, train_set, train_cfg, dev, progress, run_log.write, trainer.ema)
+    checkpointer.backbone_start = start
     if train_cfg.cache_views > 0:
         train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress)
     trainer.cached_features = train_cfg.cache_views > 0
     if distributed:
-        trainer.runner = dist_utils.wrap_ddp(model, dev)
+        trainer.runner = dist_utils.wrap_ddp(trainer.module, dev)
     coco_gt = coco_ground_truth(data.val_index) if data.val_index is not None else None
     validator = Validator(data.val_set, coco_gt, model_cfg, train_cfg, dev, run_dir, run_log, progress, budget.clock)
-    run_log.start(model_cfg, train_cfg, state, resumed)
+    run_log.start(model_cfg, train_cfg, state, resumed, {"backbone_start": start.to_dict()})
     fit = train_cfg.fit_schedule_to_time and budget.max_seconds is not None
     run = _Run(train_cfg, plan, sampler, train_set, trainer, validator, checkpointer, run_log, budget,
-               ScheduleFitter(budget, state, train_cfg.warmup_steps, dev) if fit else None, step_callback, dev)
+               ScheduleFitter(budget, state, train_cfg.warmup_steps, dev) if fit else None, step_callback, dev,
+               data.train_index, start)
+    if run.fitter is not None and not resumed and data.val_set is not None and train_cfg.max_steps is None:
+        # under a time budget the epochs are no ceiling: a small dataset uses its time, unless the
+        # validation AP stops improving (checked at each evaluation past the epoch count)
+        run.fitter.ceiling = max(run.fitter.ceiling, plan.steps_per_epoch * MAX_EPOCHS_UNDER_TIME)
     status = _train_loop(run, state)
     return _finish(run, state, status, model_cfg)
 
@@ -197,7 +219,7 @@ def _train_loop(run: _Run, state: RunState) -> str:
     status = None
     try:
         with StopFlag() as stop:
-            while status is None and state.epoch < run.cfg.epochs and state.step < state.total_steps:
+            while status is None and _epochs_left(run, state) and state.step < state.total_steps:
                 status = _train_epoch(run, state, stop)
                 if state.batches_done >= run.plan.batches_per_epoch:  # the epoch ran to its end
                     state.end_epoch()
@@ -208,6 +230,35 @@ def _train_loop(run: _Run, state: RunState) -> str:
     finally:
         run.run_log.bar.close()
     return status or "completed"
+
+
+def plateaued(history: list[tuple[int, float]], evals: int = PLATEAU_EVALS, delta: float = PLATEAU_DELTA) -> bool:
+    """True when the last `evals` evaluations' AP (history: (step, AP) in order) did not beat the best
+    before them by more than `delta`."""
+    if len(history) <= evals:
+        return False
+    before = max(ap for _, ap in history[:-evals])
+    return max(ap for _, ap in history[-evals:]) <= before + delta
+
+
+def _epochs_left(run: _Run, state: RunState) -> bool:
+    """Whether another epoch may start. Without a time budget (or without validation) the epochs are
+    the budget. Under one, past the epoch count the run goes on while the time lasts, unless the
+    validation AP has plateaued -- and then it says so."""
+    if state.epoch < run.cfg.epochs:
+        return True
+    if run.fitter is None or run.fitter.ceiling <= run.plan.epoch_steps or run.validator.val_set is None:
+        return False
+    if plateaued(run.ap_history):
+        best_step, best = max(run.ap_history, key=lambda h: h[1])
+        left = (run.budget.max_seconds - run.budget.elapsed()) / 60
+        run.stop_reason = (f"stopped at the {run.cfg.epochs}-epoch ceiling (epoch {state.epoch}) with {left:.1f} "
+                           f"minutes left: the validation AP has plateaued (best {best:.3f} at step {best_step}, "
+                           f"no gain above {PLATEAU_DELTA} in the last {PLATEAU_EVALS} evaluations)")
+        if dist_utils.rank() == 0:
+            log.info("%s", run.stop_reason)
+        return False
+    return True
 
 
 def _train_epoch(run: _Run, state: RunState, stop: StopFlag) -> str | None:
@@ -264,8 +315,9 @@ def _optimizer_step(run: _Run, state: RunState, stop: StopFlag) -> str | None:
 
 
 def _end_of_epoch(run: _Run, state: RunState) -> None:
-    if run.validator.due(state.epoch):
-        run.validator.run(run.eval_model, state)
+    if run.validator.due(state.epoch) or (state.epoch >= run.cfg.epochs and run.validator.val_set is not None):
+        run.validator.run(run.eval_model, state)  # past the epoch count: every epoch, to see a plateau
+        run.ap_history.append((state.step, state.metrics.get("AP", 0.0)))
         if run.fitter is not None:
             _fit_schedule(run, state)
     if run.cfg.checkpoint_every_epochs and state.epoch % run.cfg.checkpoint_every_epochs == 0:
@@ -290,12 +342,15 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
             if state.best_ap is None:  # no evaluation: the final weights are the best we know
                 save_native(run.eval_model.state_dict(), model_cfg, run.checkpointer.run_dir / "best")
     bad_total = run.run_log.bad_total()
+    diagnosis = _diagnose(run, state, model_cfg) if status != "interrupted" else None
     seconds = run.budget.elapsed()
     result = TrainResult(run.checkpointer.run_dir, status, state.step, state.epoch, state.metrics, state.best_ap,
-                         bad_total, state.skipped_steps, seconds)
+                         bad_total, state.skipped_steps, seconds, diagnosis, run.stop_reason)
     summary = {"status": status, "step": state.step, "epoch": state.epoch, "best_AP": state.best_ap,
                "bad_samples": bad_total, "skipped_steps": state.skipped_steps, "seconds": round(seconds, 1),
-               "world_size": dist_utils.world_size(), **state.metrics}
+               "world_size": dist_utils.world_size(), **state.metrics,
+               "backbone_start": run.backbone_start.to_dict() if run.backbone_start else None,
+               "stop_reason": run.stop_reason or None, "diagnosis": diagnosis}
     run.run_log.finish(summary if status != "interrupted" else None)
     if main and status == "interrupted":
         log.info("stopped by signal at step %d; resume with --resume", state.step)
@@ -303,3 +358,26 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
         log.warning("%d bad samples were skipped; see %s", bad_total, run.run_log.bad_file)
     dist_utils.barrier()
     return result
+
+
+def _diagnose(run: _Run, state: RunState, model_cfg: ModelConfig) -> dict | None:
+    """Rank 0: the failure signs of the finished run and their likely causes (engine/diagnose.py),
+    logged in plain words when there are any. -> Diagnosis.to_dict() (the same on every rank)."""
+    from .diagnose import diagnose, object_sizes, predicted_boxes
+
+    result = None
+    if dist_utils.rank() == 0:
+        try:
+            boxes = None
+            if run.validator.val_set is not None:
+                boxes = predicted_boxes(run.eval_model, run.validator.val_set, DIAGNOSE_IMAGES, run.device)
+            sizes = object_sizes(run.train_index) if run.train_index is not None else (None, None)
+            frozen = run.cfg.lr_backbone <= 0 or not model_cfg.train_backbone
+            d = diagnose(state.metrics, state.step, run.backbone_start.kind if run.backbone_start else None,
+                         model_cfg, boxes, *sizes, frozen_backbone=frozen)
+            if not d.ok:
+                log.warning("%s", d.text())
+            result = {**d.to_dict(), "text": d.text()}
+        except Exception as e:  # a diagnosis must never fail a finished run
+            log.warning("could not diagnose the run: %s", e)
+    return dist_utils.all_gather_object(result)[0]

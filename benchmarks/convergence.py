@@ -1,0 +1,254 @@
+"""The convergence benchmark: each variant of a preset under the same wall-clock budget on several
+datasets, one ablation table in docs/convergence.md.
+
+    python benchmarks/convergence.py --out /tmp/conv --minutes 15 \
+        --datasets hard,bccd,bccd-rbc,main --variants base,dn,groups,iou,all
+
+Every run appends one JSON line to OUT/results.jsonl (so runs of several sessions add up) and the
+table is rewritten from all of them: AP, AP50, APs (val), optimizer steps, minutes (the whole run:
+pretraining, feature caching, training, evaluations), and the minutes at which the run's evaluation
+first reached AP50 0.3 and 0.5 (only as fine as its evaluations). The machine's load average at the
+start and end of each run is recorded: on a shared machine the same budget buys fewer steps.
+
+Datasets (prepared once under OUT/data):
+  hard      `detrkit data synth --variant hard` (2000 train / 200 val images)
+  bccd      BCCD (VOC) from ../shared/data/bccd ($DETRKIT_BCCD), splits train / val
+  bccd-rbc  BCCD with only the RBC class: ~13 touching cells per image, a constant box cannot score
+  main      the main job's data (4000 / 100 images, engine/main_job.py's generator settings)
+Variants: base (every switch off), dn (denoising queries), groups (group queries), iou (IoU-aware
+class target), all (all three); `--set key=value` applies to every run (e.g. to shorten a budget).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from detrkit.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
+
+log = logging.getLogger("convergence")
+
+VARIANTS: dict[str, dict] = {
+    "base": {"dn_groups": 0, "query_groups": 1, "iou_aware": False},
+    "dn": {"dn_groups": 4, "query_groups": 1, "iou_aware": False},
+    "groups": {"dn_groups": 0, "query_groups": 3, "iou_aware": False},
+    "iou": {"dn_groups": 0, "query_groups": 1, "iou_aware": True},
+    "all": {"dn_groups": 4, "query_groups": 3, "iou_aware": True},
+}
+THRESHOLDS = (0.3, 0.5)
+SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
+
+
+# ------------------------------------------------------------------------------------------- data
+def _write_coco(index, path: Path, keep: set[str] | None = None) -> Path:
+    coco = index.to_coco()
+    if keep is not None:
+        ids = {c["id"] for c in coco["categories"] if c["name"] in keep}
+        coco["categories"] = [c for c in coco["categories"] if c["id"] in ids]
+        coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] in ids]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def prepare(name: str, data_root: Path, bccd: Path = SHARED_BCCD) -> tuple[Path, Path]:
+    """(train annotations, val annotations) of a benchmark dataset, written once under data_root."""
+    out = data_root / name
+    train_json, val_json = out / "train" / "annotations.json", out / "val" / "annotations.json"
+    if train_json.exists() and val_json.exists():
+        return train_json, val_json
+    if name == "hard":
+        from detrkit.data.synthetic import make_synthetic_splits
+
+        return make_synthetic_splits(out, train=2000, val=200, seed=0, variant="hard")
+    if name == "main":
+        from detrkit.data.synthetic import make_synthetic_splits
+        from detrkit.engine import main_job as mj
+
+        return make_synthetic_splits(out, train=mj.DEFAULT_NUM_TRAIN, val=mj.DEFAULT_NUM_VAL, seed=0,
+                                     variant="shapes", image_size=mj.DEFAULT_IMAGE_SIZE,
+                                     max_objects=mj.DEFAULT_MAX_OBJECTS, object_size=mj.DEFAULT_OBJECT_SIZE)
+    if name in ("bccd", "bccd-rbc"):
+        from detrkit.data.formats import load_annotations
+
+        if not bccd.is_dir():
+            raise FileNotFoundError(f"{bccd}: BCCD not found (VOC layout with ImageSets/Main/train.txt, val.txt)")
+        keep = {"RBC"} if name == "bccd-rbc" else None
+        return (_write_coco(load_annotations(bccd, split="train"), train_json, keep),
+                _write_coco(load_annotations(bccd, split="val"), val_json, keep))
+    raise ValueError(f"unknown benchmark dataset {name!r}; choose hard, bccd, bccd-rbc or main")
+
+
+# ---------------------------------------------------------------------------------- shared backbone
+def shared_backbone(dataset: str, train_json: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    data_root: Path) -> tuple[Path, float]:
+    """The preset's self-pretrained backbone for a dataset, made once and reused by every variant
+    (so variants differ only in what they switch, and a busy machine spends its minutes on them).
+    -> (backbone weights file, minutes the pretraining took)."""
+    import torch
+
+    from detrkit.data.coco import load_coco
+    from detrkit.data.dataset import DetectionDataset
+    from detrkit.engine.backbone_start import start_backbone
+    from detrkit.model import build_model
+
+    tag = f"{model_cfg.backbone}-{train_cfg.pretrain_steps}-{int(train_cfg.pretrain_background)}-{train_cfg.seed}"
+    path = data_root / dataset / f"backbone-{tag}.pth"
+    info = path.with_suffix(".json")
+    if path.exists() and info.exists():
+        return path, json.loads(info.read_text())["minutes"]
+    index = load_coco(train_json)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg.with_classes(index.class_names, index.category_ids))
+    t0 = time.monotonic()
+    start = start_backbone(model, model.cfg, dataclasses.replace(train_cfg, backbone_weights="none"),
+                           DetectionDataset(index), __import__("torch").device("cpu"), progress=False)
+    minutes = (time.monotonic() - t0) / 60
+    torch.save(model.backbone.body.state_dict(), path)
+    info.write_text(json.dumps({"minutes": minutes, **start.to_dict()}))
+    return path, minutes
+
+
+# -------------------------------------------------------------------------------------------- run
+def _override(cfg, values: dict):
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for s in sets:
+        key, _, value = s.partition("=")
+        out[key.rpartition(".")[2]] = yaml.safe_load(value)
+    return out
+
+
+def first_reach(evals: list[dict], step_minutes: dict[int, float], threshold: float) -> float | None:
+    """Minutes (run start to the evaluation's step) of the first evaluation with AP50 >= threshold."""
+    for e in evals:
+        if e.get("AP50", 0.0) >= threshold:
+            step = e["step"]
+            known = [s for s in step_minutes if s <= step]
+            return step_minutes[max(known)] if known else None
+    return None
+
+
+def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, sets: dict,
+            device: str = "cpu", reuse_backbone: bool = False) -> dict:
+    from detrkit.engine.train import train
+
+    train_json, val_json = prepare(dataset, out / "data")
+    p = get_preset(preset)
+    model_cfg: ModelConfig = _override(p.model, sets)
+    train_cfg: TrainConfig = _override(_override(p.train, VARIANTS[variant]), sets)
+    train_cfg.max_minutes = minutes
+    pretrain_minutes = None
+    if reuse_backbone and train_cfg.backbone_weights == "none" and train_cfg.pretrain_steps > 0:
+        path, pretrain_minutes = shared_backbone(dataset, train_json, model_cfg, train_cfg, out / "data")
+        train_cfg.backbone_weights = str(path)
+    run_dir = out / "runs" / f"{dataset}-{variant}-{time.strftime('%H%M%S')}"
+    load_start = os.getloadavg()
+    t0 = time.monotonic()
+    step_minutes: dict[int, float] = {}
+
+    def tick(step, model):
+        step_minutes[step] = (time.monotonic() - t0) / 60
+
+    result = train(model_cfg, train_cfg, train_json, val_json, run_dir, device=device, progress=False,
+                   step_callback=tick)
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"type": "eval"' in line]
+    m = result.metrics
+    row = {
+        "dataset": dataset, "variant": variant, "preset": preset, "budget_min": minutes,
+        "AP": m.get("AP"), "AP50": m.get("AP50"), "APs": m.get("APs"), "steps": result.step,
+        "minutes": result.seconds / 60, "status": result.status,
+        **{f"min_to_{t}": first_reach(evals, step_minutes, t) for t in THRESHOLDS},
+        "load_start": load_start[0], "load_end": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "threads": __import__("torch").get_num_threads(),
+        "sets": sets, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "curve": [(e["step"], round(e.get("AP50", 0.0), 3)) for e in evals],
+    }
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+# ------------------------------------------------------------------------------------------ table
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and v < 0):  # COCO's -1: no object of that size
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| dataset | preset | variant | budget (min) | AP | AP50 | APs | steps | minutes | min to AP50 0.3 | "
+             "min to AP50 0.5 | load avg (start/end) | settings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], list(VARIANTS).index(r["variant"]), r["date"])):
+        sets = ", ".join(f"{k}={v}" for k, v in r.get("sets", {}).items()) or "-"
+        if r.get("shared_backbone_minutes") is not None:
+            sets += f"; backbone pretrained once ({r['shared_backbone_minutes']:.1f} min, not in the budget)"
+        lines.append(
+            f"| {r['dataset']} | {r['preset']} | {r['variant']} | {r['budget_min']:g} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
+            f"{_fmt(r['APs'])} | {r['steps']} | {r['minutes']:.1f} | {_fmt(r['min_to_0.3'], 1)} | "
+            f"{_fmt(r['min_to_0.5'], 1)} | {r['load_start']:.1f} / {r['load_end']:.1f} | {sets} |")
+    return "\n".join(lines)
+
+
+def write_table(out: Path, doc: Path) -> None:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    marker = "<!-- convergence table: benchmarks/convergence.py rewrites from here -->"
+    head = doc.read_text().split(marker)[0] if doc.exists() else "# Convergence benchmark\n\n"
+    doc.write_text(head + marker + "\n\n" + table(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for data, runs and results.jsonl")
+    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of each run")
+    ap.add_argument("--datasets", default="hard,bccd,bccd-rbc,main")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--preset", default="detr-tiny")
+    ap.add_argument("--set", action="append", default=[], help="key=value for every run (ModelConfig or TrainConfig)")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "convergence.md"), help="the table's markdown file")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from results.jsonl and stop")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reuse-backbone", action="store_true",
+                    help="self-pretrain the backbone once per dataset and start every variant from it (its "
+                         "minutes are reported, not counted in the budget)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (on a busy machine 1 is several times faster than 2: no thread sync waits)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        sets = _parse_sets(args.set)
+        for dataset in args.datasets.split(","):
+            for variant in args.variants.split(","):
+                if variant not in VARIANTS:
+                    raise SystemExit(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+                row = run_one(dataset, variant, args.preset, args.minutes, out, sets, args.device,
+                              args.reuse_backbone)
+                print(json.dumps({k: row[k] for k in ("dataset", "variant", "AP", "AP50", "steps", "minutes")}))
+    write_table(out, Path(args.doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

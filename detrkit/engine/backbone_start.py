@@ -1,0 +1,77 @@
+"""What the backbone starts from, decided once per run and recorded (log, config.json, checkpoints).
+
+In order: `backbone_weights` "imagenet" or a path (weights/imagenet.py); else, with pretrain_steps > 0,
+the self-pretraining fallback on the training set's own crops (engine/pretrain.py); else random
+weights, which a frozen backbone cannot recover from -- the log says so.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneStart:
+    kind: str  # "imagenet", "file", "pretrained-crops", "random" or "checkpoint" (fine-tuning / resuming)
+    description: str  # in words, for the log and the summary
+    details: dict = field(default_factory=dict)  # e.g. pretraining accuracy and crop count
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset,
+                   device: torch.device, progress: bool = True) -> BackboneStart:
+    """Give `model.backbone.body` its starting weights per `train_cfg`; returns what was done.
+
+    dataset: the training `DetectionDataset` (used only by the self-pretraining fallback)."""
+    spec = (train_cfg.backbone_weights or "none").strip()
+    body = model.backbone.body
+    if spec != "none":
+        from ..weights.imagenet import load_backbone_weights
+
+        description = load_backbone_weights(body, model_cfg.backbone, spec, progress)
+        start = BackboneStart("imagenet" if spec == "imagenet" else "file", description)
+        if train_cfg.pretrain_steps > 0:
+            log.info("backbone weights given (%s): crop pretraining skipped", spec)
+    elif train_cfg.pretrain_steps > 0:
+        from .pretrain import pretrain_backbone
+
+        pre = pretrain_backbone(body, model_cfg.backbone, dataset, train_cfg, model_cfg.num_classes, device,
+                                progress)
+        what = "box and background crops" if train_cfg.pretrain_background else "box crops"
+        start = BackboneStart("pretrained-crops",
+                              f"self-pretrained on the training set's {what} ({train_cfg.pretrain_steps} steps, "
+                              f"held-out accuracy {pre.accuracy:.3f})", pre.to_dict())
+    else:
+        start = BackboneStart("random", "random weights (no backbone_weights, no pretraining)")
+        if train_cfg.lr_backbone <= 0 or not model_cfg.train_backbone:
+            log.warning("the backbone is random AND frozen: its features carry little; set backbone_weights "
+                        "(imagenet or a file) or pretrain_steps")
+    log.info("backbone start: %s", start.description)
+    return start
+
+
+def backbone_start_part(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, progress: bool,
+                        write_record, ema=None) -> BackboneStart:
+    """The run's backbone-start stage (a fresh run, not fine-tuning): rank 0 gives the backbone its
+    start, every rank receives it, the EMA copy restarts from it; write_record(dict) logs it
+    (metrics.jsonl). -> what was done (the same on every rank)."""
+    from . import distributed as dist_utils
+
+    start = None
+    if dist_utils.rank() == 0:
+        start = start_backbone(model, model.cfg, cfg, train_set.dataset, device, progress)
+        write_record({"type": "backbone_start", **start.to_dict()})
+    start = dist_utils.all_gather_object(start)[0]
+    dist_utils.broadcast_module(model.backbone)
+    if ema is not None:
+        ema.module.load_state_dict(model.state_dict())
+    return start

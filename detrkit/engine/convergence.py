@@ -1,0 +1,236 @@
+"""Training-only convergence switches: denoising queries, group queries, an IoU-aware class target.
+
+DETR learns slowly because each ground-truth box teaches one query per step, and that query changes
+from step to step (the Hungarian matching is unstable early on). Two fixes that change only training:
+
+- Denoising queries (DN-DETR): each ground-truth box, noised (centre moved, size scaled, sometimes a
+  wrong class), enters the decoder as an extra query that must give back the true box and class. No
+  matching: a stable, direct signal for the decoder and heads. An attention mask keeps the matching
+  queries from seeing them (they would read the answer) and the denoising groups from seeing each other.
+  A DETR decoder has no reference points, so a denoising query's positional part is an embedding of its
+  noised box (sine encoding + a small MLP) and its content part an embedding of its noised class; both
+  live here, outside the model, and are discarded at export.
+- Group queries (Group DETR): K sets of object queries at training time, each matched one-to-one to
+  the targets on its own, under a block-diagonal self-attention mask; group 0 is the model's own
+  `query_embed`, the others are training-only. K times more positive queries per step.
+
+`TrainingQueries` holds the training-only parameters; `training_forward(model, extra, ...)` runs the
+model's public blocks (features, encode, the decoder, heads) with the extra queries and the mask, so
+`DETR.forward` and the state dict are untouched; `ConvergenceLoss` is the criterion for its output.
+With every switch off, `training_forward` computes exactly `model(...)`. `TrainingModel` puts model
+and extra queries in one module (what the training step runs, and what DDP wraps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from ..config import TrainConfig
+from ..model.detr import MLP, BackboneFeatures
+
+
+def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Sine encoding of cxcywh boxes in [0,1]: boxes [...,4] -> [...,dim] (dim/4 channels per coordinate,
+    sin and cos interleaved, as the model's position embedding encodes a cell's coordinates)."""
+    per = dim // 4
+    if per * 4 != dim or per % 2:
+        raise ValueError(f"box_sine_embedding: dim must be a multiple of 8, got {dim}")
+    i = torch.arange(per, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (i // 2) / per)
+    x = boxes.float()[..., None] * (2 * math.pi) / dim_t  # [...,4,per]
+    x = torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
+    return x.flatten(-2)
+
+
+class TrainingQueries(nn.Module):
+    """The training-only parameters of the switches (never part of the model's state dict).
+
+    extra_queries [K-1,Q,d]: the query sets of groups 1..K-1 (group 0 is model.query_embed);
+    dn_label [C+1,d]: content embedding of a denoising query's (noised) class;
+    dn_box: MLP from the sine encoding of a noised box to its positional embedding.
+    """
+
+    def __init__(self, cfg: TrainConfig, hidden_dim: int, num_queries: int, num_classes: int):
+        super().__init__()
+        self.groups = max(1, cfg.query_groups)
+        self.dn_groups = max(0, cfg.dn_groups)
+        self.box_noise, self.label_noise = cfg.dn_box_noise, cfg.dn_label_noise
+        self.num_classes = num_classes
+        d = hidden_dim
+        self.extra_queries = nn.Parameter(torch.randn(self.groups - 1, num_queries, d)) if self.groups > 1 else None
+        if self.dn_groups:
+            self.dn_label = nn.Embedding(num_classes + 1, d)
+            self.dn_box = MLP(d, d, d, 2)
+        else:
+            self.dn_label = self.dn_box = None
+
+    @property
+    def active(self) -> bool:
+        return self.groups > 1 or self.dn_groups > 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, model: nn.Module) -> "TrainingQueries":
+        return cls(cfg, model.cfg.hidden_dim, model.cfg.num_queries, model.cfg.num_classes)
+
+    def noised(self, targets: Sequence[dict], generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The denoising queries' inputs for a batch: each image's targets repeated dn_groups times, padded
+        to the batch's largest count. -> noised labels [B,D], noised boxes [B,D,4], true labels [B,D],
+        true boxes [B,D,4], valid [B,D] bool, with D = dn_groups * max targets (slot g*n_max + j:
+        group g, target j)."""
+        device = targets[0]["boxes"].device if len(targets) else torch.device("cpu")
+        n_max = max((len(t["labels"]) for t in targets), default=0)
+        b, g = len(targets), self.dn_groups
+        labels = torch.full((b, g, n_max), self.num_classes, dtype=torch.int64, device=device)
+        boxes = torch.full((b, g, n_max, 4), 0.5, device=device)
+        valid = torch.zeros((b, g, n_max), dtype=torch.bool, device=device)
+        for i, t in enumerate(targets):
+            n = len(t["labels"])
+            labels[i, :, :n] = t["labels"]
+            boxes[i, :, :n] = t["boxes"].float()
+            valid[i, :, :n] = True
+        true_labels, true_boxes = labels.flatten(1, 2), boxes.flatten(1, 2)
+        rand = lambda *shape: torch.rand(*shape, generator=generator).to(device)  # noqa: E731
+        flip = (rand(b, g, n_max) < self.label_noise) & valid
+        random_labels = (rand(b, g, n_max) * self.num_classes).long().clamp(max=self.num_classes - 1)
+        noisy_labels = torch.where(flip, random_labels, labels)
+        wh = boxes[..., 2:]
+        centre = boxes[..., :2] + (rand(b, g, n_max, 2) * 2 - 1) * self.box_noise * wh / 2
+        size = wh * (1 + (rand(b, g, n_max, 2) * 2 - 1) * self.box_noise)
+        noisy_boxes = torch.cat([centre.clamp(0, 1), size.clamp(1e-3, 1)], dim=-1)
+        return (noisy_labels.flatten(1, 2), noisy_boxes.flatten(1, 2), true_labels, true_boxes,
+                valid.flatten(1, 2))
+
+
+def self_attention_mask(num_queries: int, groups: int, dn_groups: int = 0, dn_width: int = 0,
+                        device: torch.device | None = None) -> Tensor:
+    """Self-attention mask [L,L] (True = blocked) over the decoder's queries, in the order
+    [group 0 | ... | group K-1 | denoising part: dn_groups groups of dn_width], L = Q*K + dn_groups*dn_width.
+
+    Matching queries see only their own group; a denoising query sees its own denoising group and
+    group 0's matching queries, never another denoising group: no matching query can read the ground
+    truth, and no denoising group can copy another's answer. (Padding slots of images with fewer
+    targets stay visible inside their group, as in DN-DETR; their outputs are not trained.)"""
+    qk, d = num_queries * groups, dn_groups * dn_width
+    group_of = torch.cat([torch.arange(qk, device=device) // num_queries,
+                          groups + torch.arange(d, device=device) // max(1, dn_width)])
+    mask = group_of[:, None] != group_of[None, :]
+    mask[qk:, :num_queries] = False  # denoising queries may look at group 0's matching queries
+    return mask
+
+
+def training_forward(model: nn.Module, extra: TrainingQueries | None,
+                     inputs: Sequence[Tensor] | Tensor | BackboneFeatures, targets: Sequence[dict] | None = None,
+                     *, generator: torch.Generator | None = None) -> dict:
+    """The model's training forward with the switches in `extra`, composed of the model's public blocks
+    (features, encode, the decoder, heads), so `DETR.forward` and the state dict are untouched.
+
+    inputs: what `DETR.forward` takes (a list of [3,H,W] images, a padded batch, or BackboneFeatures).
+    -> {"groups": K dicts like DETR.forward's output (group 0 = the model's own queries),
+        "dn": None or {pred_logits [L,B,D,C+1], pred_boxes [L,B,D,4] (every decoder layer), labels [B,D],
+              boxes [B,D,4] (the true ones), valid [B,D]}}.
+    """
+    feats = inputs if isinstance(inputs, BackboneFeatures) else model.features(inputs)
+    enc = model.encode(feats)
+    b, d_model = enc.memory.shape[0], enc.memory.shape[-1]
+    queries = model.query_embed.weight[None]  # [1,Q,d]
+    groups = 1 if extra is None else extra.groups
+    if groups > 1:
+        queries = torch.cat([queries, extra.extra_queries.to(queries.dtype)], dim=0)  # [K,Q,d]
+    query_pos = queries.flatten(0, 1)[None].expand(b, -1, -1)  # [B,K*Q,d]
+    at_input = model.transformer.queries_at == "input"
+    tgt = query_pos if at_input else torch.zeros_like(query_pos)
+    dn = None
+    if extra is not None and extra.dn_groups and targets is not None and any(len(t["labels"]) for t in targets):
+        noisy_labels, noisy_boxes, labels, boxes, valid = extra.noised(targets, generator)
+        content = extra.dn_label(noisy_labels).to(query_pos.dtype)  # [B,D,d]
+        where = extra.dn_box(box_sine_embedding(noisy_boxes, d_model).to(query_pos.dtype))  # [B,D,d]
+        if at_input:
+            tgt = torch.cat([tgt, content + where], dim=1)
+        else:  # content as the decoder's start, the noised box as the positional part of every attention
+            tgt = torch.cat([tgt, content], dim=1)
+            query_pos = torch.cat([query_pos, where], dim=1)
+        dn = {"labels": labels, "boxes": boxes, "valid": valid}
+    attn_mask = None
+    if groups > 1 or dn is not None:
+        dn_groups = extra.dn_groups if dn else 0
+        attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups,
+                                        dn["valid"].shape[1] // dn_groups if dn else 0, enc.memory.device)
+    # the decoder itself (not DETR.decode): denoising queries need their own start `tgt`
+    hs, _ = model.transformer.decoder(tgt, enc.memory, enc.pos, None if at_input else query_pos, enc.key_mask,
+                                      self_attn_mask=attn_mask)
+    q = model.cfg.num_queries
+    outs = [model.heads(hs[:, :, g * q:(g + 1) * q]) for g in range(groups)]
+    if dn is not None:
+        dn["pred_logits"] = model.class_embed(hs[:, :, groups * q:])
+        dn["pred_boxes"] = model.bbox_embed(hs[:, :, groups * q:]).sigmoid()
+    return {"groups": outs, "dn": dn}
+
+
+class ConvergenceLoss(nn.Module):
+    """The criterion for `training_forward`'s output: the set loss of every query group (summed, as
+    Group DETR does) plus, with denoising, each denoising query's class and box loss against the target
+    it was made from (every decoder layer, no matching), weighted by dn_loss_coef.
+
+    forward(outputs, targets) -> dict of scalar tensors: group 0's terms under the usual names (so logs
+    compare with plain DETR), other groups' under `g{k}_`, the denoising ones as loss_dn_ce / loss_dn_bbox
+    / loss_dn_giou. total(losses) -> the trained sum.
+    """
+
+    def __init__(self, criterion: nn.Module, dn_loss_coef: float = 1.0):
+        super().__init__()
+        self.criterion = criterion
+        self.dn_loss_coef = dn_loss_coef
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        losses = dict(self.criterion(outputs["groups"][0], targets))
+        for g, out in enumerate(outputs["groups"][1:], start=1):
+            losses.update({f"g{g}_{k}": v for k, v in self.criterion(out, targets).items()})
+        if outputs.get("dn") is not None:
+            losses.update(self._denoising(outputs["dn"]))
+        return losses
+
+    def _denoising(self, dn: dict) -> dict[str, Tensor]:
+        valid = dn["valid"]  # [B,D]
+        n = valid.sum().clamp(min=1).float()
+        labels, boxes = dn["labels"][valid], dn["boxes"][valid].float()  # [M], [M,4]
+        ce = l1 = giou = 0.0
+        for lg, bx in zip(dn["pred_logits"], dn["pred_boxes"]):  # decoder layers
+            ce = ce + F.cross_entropy(lg[valid].float(), labels, reduction="sum") / n
+            pb = bx[valid].float()
+            l1 = l1 + F.l1_loss(pb, boxes, reduction="sum") / n
+            giou = giou + generalized_box_iou_loss(box_convert(pb, "cxcywh", "xyxy"),
+                                                   box_convert(boxes, "cxcywh", "xyxy"), reduction="sum") / n
+        return {"loss_dn_ce": ce, "loss_dn_bbox": l1, "loss_dn_giou": giou}
+
+    def weight(self, name: str) -> float:
+        if name.startswith("loss_dn_"):
+            return self.dn_loss_coef * self.criterion.weight("loss_" + name[len("loss_dn_"):])
+        if name.startswith("g") and "_" in name and name[1:name.index("_")].isdigit():
+            return self.criterion.weight(name[name.index("_") + 1:])
+        return self.criterion.weight(name)
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        return sum(losses[k] * self.weight(k) for k in losses if self.weight(k) != 0)
+
+
+class TrainingModel(nn.Module):
+    """The model and its training-only queries as one module: forward(inputs, targets) ->
+    `training_forward`'s output. DDP wraps this (so the extra parameters' gradients are reduced too);
+    checkpoints keep `model` and `extra` apart (the model's state dict stays the paper's)."""
+
+    def __init__(self, model: nn.Module, extra: TrainingQueries):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def forward(self, inputs, targets: Sequence[dict] | None = None) -> dict:
+        return training_forward(self.model, self.extra, inputs, targets)

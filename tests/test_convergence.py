@@ -1,0 +1,157 @@
+"""Training-only convergence switches: the training forward is the model's forward when they are off,
+the denoising part leaks nothing into the matching queries, query groups do not see each other, the
+IoU-aware class target, and a model trained with every switch on exports to Hugging Face unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import box_convert
+
+from detrkit import Detector, build_model
+from detrkit.config import TrainConfig
+from detrkit.engine.convergence import (ConvergenceLoss, TrainingQueries, self_attention_mask,
+                                        training_forward)
+from detrkit.losses import SetCriterion
+from detrkit.model.detr import BackboneFeatures, pad_images
+
+from _train_helpers import tiny_model
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_model(tiny_model(dec_layers=2, **kw).with_classes(["a", "b", "c"])).eval()
+
+
+def _features():
+    """Cached-backbone-style input: two feature maps of different sizes, padded (the second has padding)."""
+    g = torch.Generator().manual_seed(1)
+    return BackboneFeatures(*pad_images([torch.randn(512, 3, 4, generator=g), torch.randn(512, 2, 3, generator=g)]))
+
+
+def _targets():
+    return [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+            {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+
+
+def _close(a, b, atol=1e-5):
+    return torch.allclose(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("queries_at", ["attention", "input"])
+def test_switches_off_is_the_model_forward(queries_at):
+    model = _model(queries_at=queries_at)
+    feats = _features()
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 64)]
+    with torch.no_grad():
+        for x in (feats, images):
+            ours = training_forward(model, None, x, _targets())
+            assert ours["dn"] is None and len(ours["groups"]) == 1
+            ref = model(x)
+            assert torch.equal(ours["groups"][0]["pred_logits"], ref["pred_logits"])
+            assert torch.equal(ours["groups"][0]["pred_boxes"], ref["pred_boxes"])
+            assert torch.equal(ours["groups"][0]["aux_outputs"][0]["pred_boxes"], ref["aux_outputs"][0]["pred_boxes"])
+
+
+def test_mask_layout():
+    m = self_attention_mask(num_queries=3, groups=2, dn_groups=2, dn_width=2)  # 2 x 3 matching, 2 x 2 denoising
+    assert m.shape == (10, 10)
+    assert not m[:3, :3].any() and m[:3, 3:].all()  # group 0 sees only itself
+    assert not m[3:6, 3:6].any() and m[3:6, :3].all() and m[3:6, 6:].all()
+    assert not m[6:, :3].any() and m[6:, 3:6].all()  # denoising sees group 0, never group 1
+    assert not m[6:8, 6:8].any() and m[6:8, 8:].all() and m[8:, 6:8].all()  # its own dn group only
+    assert not m.all(-1).any()  # every query sees something
+
+
+@pytest.mark.parametrize("queries_at", ["attention", "input"])
+def test_denoising_leaks_nothing_into_the_matching_queries(queries_at):
+    model = _model(queries_at=queries_at)
+    extra = TrainingQueries(TrainConfig(dn_groups=3), 32, 8, 3)
+    feats, targets = _features(), _targets()
+    with torch.no_grad():
+        plain = training_forward(model, None, feats, targets)["groups"][0]
+        with_dn = training_forward(model, extra, feats, targets,
+                                   generator=torch.Generator().manual_seed(0))
+        assert with_dn["dn"]["pred_boxes"].shape == (2, 2, 3 * 2, 4)  # 2 layers, 3 groups x 2 targets
+        assert _close(with_dn["groups"][0]["pred_logits"], plain["pred_logits"])
+        assert _close(with_dn["groups"][0]["pred_boxes"], plain["pred_boxes"])
+        # and the denoising part does depend on the noised boxes it was given (it is not inert)
+        other = training_forward(model, extra, feats, targets,
+                                 generator=torch.Generator().manual_seed(1))
+        assert not _close(other["dn"]["pred_boxes"], with_dn["dn"]["pred_boxes"], atol=1e-4)
+
+        # denoising groups do not see each other: change group 2's inputs, groups 0 and 1 stay
+        fixed = extra.noised(targets, torch.Generator().manual_seed(0))
+        changed = [t.clone() for t in fixed]
+        changed[1][:, 4:] = torch.rand(2, 2, 4)
+        extra.noised = lambda *a, **k: fixed  # type: ignore[method-assign]
+        a = training_forward(model, extra, feats, targets)["dn"]
+        extra.noised = lambda *a, **k: changed  # type: ignore[method-assign]
+        b = training_forward(model, extra, feats, targets)["dn"]
+        valid = fixed[4]
+        keep = valid.clone()
+        keep[:, 4:] = False
+        assert _close(a["pred_boxes"][:, keep], b["pred_boxes"][:, keep])
+        assert not _close(a["pred_boxes"][:, :, 4:], b["pred_boxes"][:, :, 4:], atol=1e-4)
+
+
+def test_group_queries_do_not_attend_across_groups():
+    model = _model()
+    extra = TrainingQueries(TrainConfig(query_groups=3), 32, 8, 3)
+    feats = _features()
+    with torch.no_grad():
+        out = training_forward(model, extra, feats)["groups"]
+        assert len(out) == 3
+        plain = model(feats)
+        assert _close(out[0]["pred_boxes"], plain["pred_boxes"])
+        extra.extra_queries[1].normal_()  # group 2's queries change
+        again = training_forward(model, extra, feats)["groups"]
+    assert _close(again[0]["pred_boxes"], out[0]["pred_boxes"]) and _close(again[1]["pred_logits"], out[1]["pred_logits"])
+    assert not _close(again[2]["pred_boxes"], out[2]["pred_boxes"], atol=1e-4)
+
+
+def test_iou_aware_class_target():
+    """Matched boxes equal to their targets: the IoU-aware loss is the paper's cross-entropy; off by
+    IoU < 1 it puts the missing share on "no object", exactly as written out by hand."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 3)
+    tgt = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}
+    pred = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]])
+    plain, aware = SetCriterion(2), SetCriterion(2, iou_aware=True)
+    out = {"pred_logits": logits, "pred_boxes": pred}
+    assert torch.allclose(plain(out, [tgt])["loss_ce"], aware(out, [tgt])["loss_ce"])
+    shifted = pred.clone()
+    shifted[0, 0, 0] = 0.6  # IoU (0.3*0.4)/(0.5*0.4) = 0.6 with the target
+    out = {"pred_logits": logits, "pred_boxes": shifted}
+    iou = 0.6
+    logp = logits[0].log_softmax(-1)
+    w = torch.tensor([1.0, 0.1, 0.1])
+    nll = torch.stack([-(iou * logp[0, 1] + (1 - iou) * logp[0, 2]), -logp[1, 2], -logp[2, 2]])
+    assert torch.allclose(aware(out, [tgt])["loss_ce"], (w * nll).sum() / w.sum(), atol=1e-6)
+
+
+def test_trained_with_every_switch_exports_to_huggingface(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _model()
+    cfg = TrainConfig(dn_groups=2, query_groups=3, iou_aware=True)
+    keys_before = {k: v.shape for k, v in model.state_dict().items()}
+    extra = TrainingQueries.from_config(cfg, model)
+    loss_fn = ConvergenceLoss(SetCriterion.from_config(cfg, 3), cfg.dn_loss_coef)
+    params = list(model.parameters()) + list(extra.parameters())
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
+    model.train()
+    before = model.query_embed.weight.detach().clone()
+    for _ in range(3):
+        losses = loss_fn(training_forward(model, extra, _features(), _targets()), _targets())
+        assert {"loss_dn_ce", "loss_dn_bbox", "g2_loss_giou", "loss_ce"} <= set(losses)
+        opt.zero_grad()
+        loss_fn.total(losses).backward()
+        opt.step()
+    assert not torch.equal(before, model.query_embed.weight)
+    assert extra.dn_box.layers[0].weight.grad is not None and extra.extra_queries.grad is not None
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys_before
+
+    out = Detector(model.eval(), model.cfg).export_huggingface(tmp_path / "hf")
+    hf, info = transformers.DetrForObjectDetection.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    again = Detector.from_pretrained(out)
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in model.state_dict().items())

@@ -1,0 +1,115 @@
+"""The engine with the issue-12 parts: the backbone start recorded (config.json, checkpoints, log), a
+paper preset trained from a local file standing in for the ImageNet download, every convergence switch
+through the training loop and out to Hugging Face, a small dataset using its time until the validation
+AP plateaus, and the end-of-run diagnosis."""
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import pytest
+import torch
+
+from detrkit import Detector
+from detrkit.cli import main as cli_main
+from detrkit.engine.checkpoint import load_checkpoint
+from detrkit.engine.train import plateaued, train
+
+from _train_helpers import tiny_data, tiny_model, tiny_train
+from test_backbone_start import _fake_imagenet_file
+
+
+class _StepClock:
+    """Advances a fixed time per optimizer step (a step_callback): the budget sees a steady speed."""
+
+    def __init__(self, seconds_per_step: float):
+        self.now, self.per_step = 0.0, seconds_per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, step, model) -> None:
+        self.now += self.per_step
+
+
+def test_train_detr_r50_starts_from_the_imagenet_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def refuse(url, *a, **k):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    file_state = _fake_imagenet_file("resnet50")
+    data = tiny_data(tmp_path / "data", 2)
+    args = ["train", "--preset", "detr-r50", "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+            "--set", "train_scales=[64]", "--set", "train_max_size=64", "--set", "crop_resize=[64]",
+            "--set", "crop_size=[64,64]", "--set", "num_workers=0", "--set", "num_queries=10",
+            "--set", "enc_layers=1", "--set", "dec_layers=1", "--set", "checkpoint_every_epochs=0"]
+    assert cli_main(args) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["backbone_start"]["kind"] == "imagenet" and "resnet50-0676ba61.pth" in config["backbone_start"]["description"]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["backbone_start"]["kind"] == "imagenet"
+    weights = Detector.from_pretrained(tmp_path / "run" / "final").model.backbone.body.state_dict()
+    # conv1, layer1 and every frozen batch-norm buffer never train: they are the file's, exactly
+    frozen = [k for k in weights if k.startswith(("conv1.", "bn1.", "layer1.")) or ".bn" in k or "downsample.1" in k]
+    assert len(frozen) > 150
+    for k in frozen:
+        assert torch.equal(weights[k], file_state[k]), k
+    # the trained layers started there and moved by at most a few lr_backbone steps
+    assert (weights["layer4.0.conv1.weight"] - file_state["layer4.0.conv1.weight"]).abs().max() < 1e-3
+
+    # offline without the file: the clear error, naming the file and the folder
+    (tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet50-0676ba61.pth").unlink()
+    capsys.readouterr()
+    assert cli_main(args + ["--out", str(tmp_path / "run2")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resnet50-0676ba61.pth" in err
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in err and "--backbone-weights none" in err
+
+
+def test_every_switch_through_the_loop_then_huggingface(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    data = tiny_data(tmp_path / "data", 4)
+    cfg = tiny_train(lr_backbone=0.0, epochs=2, dn_groups=2, query_groups=2, iou_aware=True,
+                     checkpoint_every_epochs=1)
+    model_cfg = tiny_model(dec_layers=2)
+    result = train(model_cfg, cfg, data, None, tmp_path / "run", progress=False, check_data=False)
+    assert result.status == "completed" and result.step == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r.get("type") == "train"]
+    assert train_rows and {"loss_dn_ce", "loss_dn_bbox", "g1_loss_ce"} <= set(train_rows[-1])
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["extra"] is not None and "extra_queries" in ckpt["extra"]
+    det = Detector.from_pretrained(tmp_path / "run" / "final")
+    reference = set(__import__("detrkit").build_model(det.config).state_dict())
+    assert set(det.model.state_dict()) == reference  # exactly the plain model's keys
+    out = det.export_huggingface(tmp_path / "hf")
+    _, info = transformers.DetrForObjectDetection.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_plateau_rule():
+    assert not plateaued([(1, 0.1), (2, 0.2), (3, 0.3)])  # too few evaluations
+    assert not plateaued([(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.31)])
+    assert plateaued([(1, 0.1), (2, 0.3), (3, 0.3), (4, 0.302), (5, 0.29)])
+
+
+def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path):
+    """2 epochs of 2 steps would end in 4 steps; under a time budget the run goes on past the epoch
+    count, evaluating each epoch, and stops when the AP plateaus -- saying so, and the diagnosis
+    names what went wrong in a run this short."""
+    data = tiny_data(tmp_path / "data", 4)
+    cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=10, fit_schedule_to_time=True,
+                     eval_every_epochs=1)
+    clock = _StepClock(0.05)
+    result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False,
+                   clock=clock, step_callback=clock.tick)
+    assert result.epoch > 2 and result.step > 4  # the epoch count did not end it
+    assert result.step < 100  # the plateau did, long before the 10 minutes
+    assert "validation AP has plateaued" in result.stop_reason and "2-epoch ceiling" in result.stop_reason
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["stop_reason"] == result.stop_reason
+    d = result.diagnosis
+    assert d is not None and not d["ok"] and "too few steps" in d["text"]
+    assert summary["diagnosis"]["problems"] == d["problems"]
