@@ -11,6 +11,7 @@ import sys
 _COMMAND_MODULES = (
     "detrkit.data.commands",      # data synth | check | convert
     "detrkit.engine.commands",    # train, eval, main-job
+    "detrkit.engine.panoptic_commands",  # train-masks (panoptic, the paper's second stage)
     "detrkit.predict_command",    # predict
     "detrkit.viz.commands",       # viz queries | attention | curves
     "detrkit.export.commands",    # export onnx | hf

@@ -31,6 +31,21 @@ def run_predict(args: argparse.Namespace) -> int:
         log.error("no images to process")
         return 2
     detector = Detector.from_pretrained(args.weights, device=args.device, precision=args.precision)
+    if args.task == "panoptic":  # overlays, PNG segment maps, segments_info (engine/panoptic_commands.py)
+        from .engine.panoptic_commands import predict_panoptic_files
+
+        if args.out is None:
+            log.error("--task panoptic writes images: give --out DIR")
+            return 2
+        threshold = 0.85 if args.threshold is None else args.threshold
+        done, failed = predict_panoptic_files(detector, paths, args.out, threshold, progress=not args.no_progress)
+        print(f"{done} image(s) segmented (queries above {threshold:g}); overlays in {args.out}, segment PNGs "
+              f"in {args.out}/panoptic, segments_info in {args.out}/panoptic.json")
+        for name, reason in failed:
+            print(f"  skipped {name}: {reason}")
+        return 0 if done else 1
+    if args.threshold is None:
+        args.threshold = 0.5
     summary = predict_files(detector, paths, out_dir=args.out, threshold=args.threshold, top_k=args.top_k,
                             batch_size=args.batch_size, progress=not args.no_progress)
     if args.json is not None:
@@ -54,8 +69,12 @@ def register(subparsers) -> None:
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--out", help="folder to write the images with their boxes drawn into")
     p.add_argument("--json", help="COCO-results JSON file (image_id, file_name, category_id, bbox xywh, score)")
-    p.add_argument("--threshold", type=probability, default=0.5, help="minimum score")
+    p.add_argument("--threshold", type=probability, default=None,
+                   help="minimum score (default 0.5; with --task panoptic 0.85, the paper's)")
     p.add_argument("--top-k", type=positive_int, default=None, help="keep at most K detections per image")
+    p.add_argument("--task", choices=["detection", "panoptic"], default="detection",
+                   help="panoptic (weights with a mask head): a colour overlay, a PNG segment map and "
+                        "segments_info (COCO panoptic) per image")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (results do not depend on it)")
     add_device_argument(p)
     add_precision_argument(p, "auto", "inference (auto: bf16 where it is fast, CPUs with AMX and recent GPUs)")

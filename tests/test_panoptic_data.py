@@ -50,7 +50,7 @@ def test_synthetic_panoptic_is_consistent(synth):
     masks, problems = load_instance_masks(synth.parent / "annotations.json")
     assert not problems and sum(len(v) for v in masks.values()) == len(inst.annotations)
     # same bytes for the same seed
-    again = make_synthetic_panoptic(synth.parent.parent / "again", num_images=6, seed=3)
+    again = make_synthetic_panoptic(synth.parent.parent / "again", num_images=6, seed=3, workers=2)  # in parallel
     assert again.read_bytes() == synth.read_bytes()
     report = check_dataset(synth)
     assert report.ok and report.dataset_format == "coco-panoptic" and report.num_images == 6, report.format()

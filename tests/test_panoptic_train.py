@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
 def test_frozen_stage_trains_only_the_head_then_joint(setup):
     root, train_json, val_json = setup
     res = train_mask_head(root / "detector", train_json, val_json, root / "stage2", max_steps=3, batch_size=3,
-                          lr=1e-3, progress=False, eval_threshold=0.0)
+                          lr=1e-3, progress=False, eval_threshold=0.0, amp=True)  # frozen detector in bf16
     assert res.steps == 3
     before, _ = load_native(root / "detector")
     after, cfg = load_native(root / "stage2" / "final")
@@ -157,3 +157,22 @@ def test_panoptic_predict_files_and_eval_command(setup, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "things" in text and "stuff" in text and "mask AP" in text
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 3
+
+
+def test_cli_train_masks_eval_predict_panoptic(setup, tmp_path, capsys):
+    from detrkit.cli import main
+
+    root, train_json, val_json = setup
+    assert main(["train-masks", "--data", str(train_json), "--frozen-weights", str(root / "detector"),
+                 "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "3"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(tmp_path / "run" / "final"), "--data", str(val_json),
+                 "--panoptic-threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "PQ" in out and "stuff" in out and "mask AP" in out
+    images = sorted((val_json.parent / "images").iterdir())
+    assert main(["predict", str(images[0]), "--weights", str(tmp_path / "run" / "final"), "--task", "panoptic",
+                 "--threshold", "0", "--out", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / "panoptic.json").exists()
+    assert (tmp_path / "pred" / "panoptic" / f"{images[0].stem}.png").exists()

@@ -119,41 +119,58 @@ def render_panoptic_sample(rng: np.random.Generator, image_size: tuple[int, int]
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB"), ids, category
 
 
+def _write_one(job: tuple) -> tuple[dict, dict, list[dict]]:
+    """Render and write image i; -> (image record, panoptic annotation, instance annotations without ids)."""
+    out, i, seed, image_size, image_format, max_things = job
+    rng = np.random.default_rng([seed, i, 7])  # an independent stream per image: any worker, same bytes
+    image, ids, category = render_panoptic_sample(rng, image_size, max_things)
+    # segment ids spread over the RGB range (as COCO's are), so a PNG is not mostly black
+    remap = {sid: int(rng.integers(1, 256 ** 3)) for sid in category}
+    while len(set(remap.values())) < len(remap):
+        remap = {sid: int(rng.integers(1, 256 ** 3)) for sid in category}
+    lut = np.zeros(max(category) + 1, dtype=np.int64)
+    for sid, new in remap.items():
+        lut[sid] = new
+    ids = lut[ids]
+    category = {remap[k]: v for k, v in category.items()}
+    name = f"{i:06d}"
+    image.save(out / "images" / f"{name}.{image_format}",
+               **({"quality": 92} if image_format == "jpg" else {"compress_level": 1}))
+    write_segment_ids(ids, out / "panoptic" / f"{name}.png")
+    segments = segments_from_ids(ids, category)
+    record = {"id": i + 1, "file_name": f"images/{name}.{image_format}", "width": image.width,
+              "height": image.height}
+    instances = [{"image_id": i + 1, "category_id": s["category_id"], "bbox": [float(v) for v in s["bbox"]],
+                  "area": float(s["area"]), "iscrowd": 0, "segmentation": encode_mask(ids == s["id"])}
+                 for s in segments]
+    return record, {"image_id": i + 1, "file_name": f"{name}.png", "segments_info": segments}, instances
+
+
 def make_synthetic_panoptic(out_dir: str | os.PathLike, num_images: int = 200, seed: int = 0,
                             image_size: tuple[int, int] = (128, 192), image_format: str = "png",
-                            max_things: int = 4) -> Path:
-    """Write the dataset (see module docstring); returns the path of panoptic.json."""
+                            max_things: int = 4, workers: int | None = None) -> Path:
+    """Write the dataset (see module docstring); returns the path of panoptic.json. `workers`
+    processes render in parallel (default: the CPU count, 1 for small sets); the bytes are the same."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, pan_anns, inst_anns = [], [], []
-    for i in range(num_images):
-        rng = np.random.default_rng([seed, i, 7])  # an independent stream per image
-        image, ids, category = render_panoptic_sample(rng, image_size, max_things)
-        # segment ids spread over the RGB range (as COCO's are), so a PNG is not mostly black
-        remap = {sid: int(rng.integers(1, 256 ** 3)) for sid in category}
-        while len(set(remap.values())) < len(remap):
-            remap = {sid: int(rng.integers(1, 256 ** 3)) for sid in category}
-        lut = np.zeros(max(category) + 1, dtype=np.int64)
-        for sid, new in remap.items():
-            lut[sid] = new
-        ids = lut[ids]
-        category = {remap[k]: v for k, v in category.items()}
-        name = f"{i:06d}"
-        image.save(out / "images" / f"{name}.{image_format}",
-                   **({"quality": 92} if image_format == "jpg" else {"compress_level": 1}))
-        write_segment_ids(ids, out / "panoptic" / f"{name}.png")
-        segments = segments_from_ids(ids, category)
-        images.append({"id": i + 1, "file_name": f"images/{name}.{image_format}", "width": image.width,
-                       "height": image.height})
-        pan_anns.append({"image_id": i + 1, "file_name": f"{name}.png", "segments_info": segments})
-        for s in segments:
-            inst_anns.append({"id": len(inst_anns) + 1, "image_id": i + 1, "category_id": s["category_id"],
-                              "bbox": [float(v) for v in s["bbox"]], "area": float(s["area"]), "iscrowd": 0,
-                              "segmentation": encode_mask(ids == s["id"])})
+    (out / "panoptic").mkdir(parents=True, exist_ok=True)
+    jobs = [(out, i, seed, image_size, image_format, max_things) for i in range(num_images)]
+    import multiprocessing
+
+    workers = workers if workers is not None else (os.cpu_count() or 1) if num_images >= 200 else 1
+    # fork (as DataLoader workers): a caller's script needs no __main__ guard; elsewhere, one process
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            done = pool.map(_write_one, jobs, chunksize=32)
+    else:
+        done = [_write_one(j) for j in jobs]
+    images = [d[0] for d in done]
+    pan_anns = [d[1] for d in done]
+    inst_anns = [{"id": k + 1, **a} for k, a in enumerate(a for d in done for a in d[2])]
     categories = [{"id": c, "name": n, "isthing": 1, "supercategory": "shape"} for c, n in THINGS]
     categories += [{"id": c, "name": n, "isthing": 0, "supercategory": "stuff"} for c, n in STUFF]
     path = save_panoptic_json(out / "panoptic.json", images, pan_anns, categories)

@@ -108,6 +108,12 @@ def eval_command(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_weights
 
     _set_threads(args.threads)
+    from ..data.panoptic import is_panoptic_json
+
+    if is_panoptic_json(args.data):  # PQ/SQ/RQ + mask AP (engine/panoptic_commands.py)
+        from .panoptic_commands import eval_panoptic_command
+
+        return eval_panoptic_command(args.weights, args.data, args.device, args.panoptic_threshold, args.out)
     holder: list = []
     metrics, cfg = evaluate_weights(args.weights, args.data, args.images, args.split, args.batch_size,
                                     args.device, amp_of(args.precision, args.device), args.num_workers,
@@ -134,7 +140,12 @@ def main_job_command(args: argparse.Namespace) -> int:
     from .main_job import run_main_job
 
     _set_threads(args.threads)
-    summary = run_main_job(args.out, minutes=args.minutes, preset=args.preset, variant=args.variant,
+    if args.panoptic:
+        from .panoptic_commands import main_job_panoptic
+
+        return main_job_panoptic(args)
+    minutes = 15.0 if args.minutes is None else args.minutes
+    summary = run_main_job(args.out, minutes=minutes, preset=args.preset, variant=args.variant,
                            num_train=args.num_train, num_val=args.num_val, sets=args.set)
     print_coco(summary["metrics"])
     print(f"\nmain job: AP {summary['metrics'].get('AP', 0):.3f}  AP50 {summary['metrics'].get('AP50', 0):.3f}  "
@@ -197,7 +208,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=train_command)
 
-    e = subparsers.add_parser("eval", help="COCO evaluation of saved weights")
+    e = subparsers.add_parser("eval", help="COCO evaluation of saved weights (PQ + mask AP on COCO panoptic data)")
     e.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     e.add_argument("--data", required=True, help="annotations: COCO JSON, YOLO or Pascal VOC folder (a run's "
                                                  "held-out split: RUN/val.json)")
@@ -210,13 +221,18 @@ def register(subparsers) -> None:
     e.add_argument("--results", help="write the detections as COCO results JSON (with class names) to this file")
     e.add_argument("--plots", metavar="DIR", help="write PR curves, confusion matrix, prediction mosaic and label "
                                                   "statistics into this folder")
+    e.add_argument("--panoptic-threshold", type=float, default=0.85,
+                   help="panoptic data: queries kept above this score (the paper: 0.85)")
     add_device_argument(e)
     e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=eval_command)
 
     j = subparsers.add_parser("main-job", help="synthetic data -> train detr-tiny on CPU -> evaluate -> figures")
     j.add_argument("--out", default="runs/main", help="run folder")
-    j.add_argument("--minutes", type=positive_float, default=15.0, help="total time budget")
+    j.add_argument("--minutes", type=positive_float, default=None,
+                   help="total time budget (default 15; 20 with --panoptic)")
+    j.add_argument("--panoptic", action="store_true",
+                   help="the panoptic job: synthetic things + stuff, detector then mask head, PQ (give --out)")
     j.add_argument("--preset", default=DEFAULT_PRESET, help="named configuration")
     j.add_argument("--variant", default=None, help="synthetic dataset variant (default: the generator's)")
     j.add_argument("--num-train", type=positive_int, default=None, help="training images (default: the job's)")

@@ -96,9 +96,10 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
                     warmup_steps: int = 0, weight_decay: float = 1e-4, clip_max_norm: float = 0.1,
                     scales: list[int] | None = None, max_size: int | None = None, hflip: bool = True,
                     seed: int = 42, device: str = "cpu", progress: bool = True,
-                    eval_threshold: float = PANOPTIC_THRESHOLD) -> MaskHeadResult:
+                    eval_threshold: float = PANOPTIC_THRESHOLD, amp: bool = False) -> MaskHeadResult:
     """Train the mask head of `weights` (a box detector, or a panoptic model to continue) on a COCO
-    panoptic set. Leaves out_dir/final (native panoptic weights), metrics.jsonl and metrics.json (PQ)."""
+    panoptic set. Leaves out_dir/final (native panoptic weights), metrics.jsonl and metrics.json (PQ).
+    amp: run the frozen detector under bf16 autocast (the head itself trains in float32)."""
     t0 = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
             model.train()
             if not joint:
                 model.detr.eval()  # frozen: no dropout, as at inference
-            loss, losses = _mask_loss(model, matcher, criterion if joint else None, images, targets, dev)
+            loss, losses = _mask_loss(model, matcher, criterion if joint else None, images, targets, dev, amp)
             for g in optimizer.param_groups:
                 g["lr"] = lr * lr_factor(step, total, "cosine", None, warmup_steps)
             optimizer.zero_grad(set_to_none=True)
@@ -186,13 +187,19 @@ def _log_window(log_path: Path, bar, step: int, lr: float, window: dict, n: int)
     bar.set_postfix(mask=f"{rec.get('loss_mask', 0):.3f}", dice=f"{rec.get('loss_dice', 0):.3f}")
 
 
-def _mask_loss(model, matcher, criterion, images: list, targets: list[dict], dev: torch.device):
+def _mask_loss(model, matcher, criterion, images: list, targets: list[dict], dev: torch.device, amp: bool = False):
     """One batch through the detector (with gradients only when `criterion`, i.e. joint training) and
-    the mask head on the matched queries -> (weighted total, the loss terms)."""
+    the mask head on the matched queries -> (weighted total, the loss terms). amp: the frozen detector
+    under bf16 autocast (the head and the matcher stay float32)."""
     images = [im.to(dev) for im in images]
     targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    with torch.set_grad_enabled(criterion is not None):
+    frozen_amp = amp and criterion is None
+    with torch.set_grad_enabled(criterion is not None), torch.autocast(dev.type, torch.bfloat16, enabled=frozen_amp):
         outputs, state = model.detect(images)
+    if frozen_amp:
+        outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
+        state = {k: ([t.float() for t in v] if isinstance(v, list) else v.float() if v.is_floating_point() else v)
+                 for k, v in state.items()}
     indices = matcher(outputs, targets)
     queries, tgt_idx = _matched_queries(indices, dev)
     pred_masks = model.predict_masks(state, queries)

@@ -109,10 +109,10 @@ def add_train_masks_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: final/ (panoptic weights), metrics.json")
     p.add_argument("--joint", action="store_true", help="train detector and mask head together (not frozen)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="default 1e-4 (the paper)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per step")
     p.add_argument("--epochs", type=positive_int, default=25, help="default 25 (the paper)")
-    p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--max-minutes", type=positive_float)
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps at most (default: none)")
+    p.add_argument("--max-minutes", type=positive_float, help="time budget (default: none)")
     add_device_argument(p)
     p.set_defaults(func=train_masks_command)
     return p

@@ -52,7 +52,8 @@ def run_panoptic_main_job(out_dir: str | os.PathLike, minutes: float = 20.0, pre
     left = minutes - (time.monotonic() - t0) / 60 - EVAL_RESERVE_MINUTES / 2
     head = train_mask_head(out / "detector" / "final", train_json, val_json, out / "mask_head",
                            lr=MASK_HEAD_LR, batch_size=8, max_minutes=max(0.5, left), warmup_steps=20,
-                           scales=list(train_cfg.train_scales), max_size=train_cfg.train_max_size)
+                           scales=list(train_cfg.train_scales), max_size=train_cfg.train_max_size,
+                           amp=train_cfg.amp == "bf16")
     if (out / "final").exists():
         shutil.rmtree(out / "final")
     shutil.copytree(out / "mask_head" / "final", out / "final")

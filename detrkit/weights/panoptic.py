@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from . import authors, huggingface
+from .native import require_fit
 from .coco_names import COCO_CATEGORIES
 
 DETR_PREFIX = "detr."
@@ -118,7 +119,9 @@ def load_authors_panoptic(path: str | Path, dilation: bool | None = None
     if dilation is None:
         dilation = "dc5" in path.name.lower()
     sd = from_authors_panoptic(sd)
-    return sd, infer_panoptic_config(sd, dilation)
+    cfg = infer_panoptic_config(sd, dilation)
+    require_fit(path, sd, cfg)
+    return sd, cfg
 
 
 # ---- Hugging Face DetrForSegmentation ----------------------------------------------------------
