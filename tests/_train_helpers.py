@@ -26,3 +26,17 @@ def tiny_train(**kw) -> TrainConfig:
                 clip_max_norm=1.0, amp="none", checkpoint_every_epochs=0, eval_every_epochs=1000)
     base.update(kw)
     return TrainConfig(**base)
+
+
+class StepClock:
+    """A clock that advances a fixed time per optimizer step (pass `tick` as the step_callback): the
+    time budget and the schedule fitting see a steady speed, whatever the machine's load."""
+
+    def __init__(self, seconds_per_step: float):
+        self.now, self.per_step = 0.0, seconds_per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, step, model) -> None:
+        self.now += self.per_step

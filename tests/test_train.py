@@ -12,7 +12,7 @@ from detrkit.engine.train import NonFiniteLossError, train
 from detrkit.engine.schedule import lr_factor
 from detrkit.losses import SetCriterion
 
-from _train_helpers import tiny_data, tiny_model, tiny_train
+from _train_helpers import StepClock, tiny_data, tiny_model, tiny_train
 
 
 def test_lr_schedule_warmup_step_and_cosine():
@@ -108,20 +108,6 @@ def test_lr_backbone_zero_freezes_the_backbone(tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("transformer."))
 
 
-class _StepClock:
-    """A clock that advances a fixed time per optimizer step (a step_callback): the time budget and the
-    schedule fitting see a steady speed, whatever the machine's load."""
-
-    def __init__(self, seconds_per_step: float):
-        self.now, self.per_step = 0.0, seconds_per_step
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, step, model) -> None:
-        self.now += self.per_step
-
-
 def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     """With fit_schedule_to_time, a run whose epochs cannot fit in max_minutes gets a schedule that
     ends when the time does: at 50 ms a step, 9 s hold 180 steps, far below the epoch budget, and the
@@ -129,7 +115,7 @@ def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     data = tiny_data(tmp_path / "data", 4)
     cfg = tiny_train(lr_backbone=0.0, epochs=100_000, max_minutes=0.15, fit_schedule_to_time=True,
                      warmup_steps=5, checkpoint_every_epochs=0)
-    clock = _StepClock(0.05)
+    clock = StepClock(0.05)
     result = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False,
                    clock=clock, step_callback=clock.tick)
     state = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -140,7 +126,7 @@ def test_schedule_fitted_to_the_time_budget_ends_with_the_time(tmp_path):
     assert lrs[-1] < 0.01 * cfg.lr
     # --resume keeps the fitted schedule as its ceiling: nothing is left, where the epoch budget would
     # have it train on for the whole new budget
-    clock = _StepClock(0.05)
+    clock = StepClock(0.05)
     again = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False, resume=True,
                   clock=clock, step_callback=clock.tick)
     assert again.step == 180

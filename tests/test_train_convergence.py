@@ -15,21 +15,8 @@ from detrkit.cli import main as cli_main
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import plateaued, train
 
-from _train_helpers import tiny_data, tiny_model, tiny_train
+from _train_helpers import StepClock, tiny_data, tiny_model, tiny_train
 from test_backbone_start import _fake_imagenet_file
-
-
-class _StepClock:
-    """Advances a fixed time per optimizer step (a step_callback): the budget sees a steady speed."""
-
-    def __init__(self, seconds_per_step: float):
-        self.now, self.per_step = 0.0, seconds_per_step
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, step, model) -> None:
-        self.now += self.per_step
 
 
 def test_train_detr_r50_starts_from_the_imagenet_file(tmp_path, monkeypatch, capsys):
@@ -102,7 +89,7 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path):
     data = tiny_data(tmp_path / "data", 4)
     cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=10, fit_schedule_to_time=True,
                      eval_every_epochs=1)
-    clock = _StepClock(0.05)
+    clock = StepClock(0.05)
     result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False,
                    clock=clock, step_callback=clock.tick)
     assert result.epoch > 2 and result.step > 4  # the epoch count did not end it
