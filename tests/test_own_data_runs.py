@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from _train_helpers import tiny_data, tiny_model, tiny_train
+from _train_helpers import StepClock, tiny_data, tiny_model, tiny_train
 from detrkit import cli
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import train
@@ -189,19 +189,24 @@ def test_9_help_is_complete_light_and_consistent():
 
 
 def test_10_resume_keeps_one_record_per_step_and_adds_the_seconds(data, tmp_path):
+    # a clock that advances 1 s per step: the seconds are exact, whatever the machine's load
+    first_clock, resumed_clock = StepClock(1.0), StepClock(1.0)
     cfg = tiny_train(epochs=4, max_steps=4, checkpoint_every_steps=2, pretrain_steps=0)
     run = tmp_path / "run"
-    train(tiny_model(), cfg, data, None, run, progress=False, check_data=False, plots=False)
-    first_seconds = json.loads((run / "metrics.json").read_text())["seconds"]
+    train(tiny_model(), cfg, data, None, run, progress=False, check_data=False, plots=False,
+          clock=first_clock, step_callback=first_clock.tick)
+    assert json.loads((run / "metrics.json").read_text())["seconds"] == 4.0
     # a killed run: its log went on past the last checkpoint (step 4 logged, checkpoint at step 2)
     (run / "last.pt").unlink()
     (run / "last.prev.pt").rename(run / "last.pt")
     resumed = train(tiny_model(), tiny_train(epochs=4, max_steps=8, checkpoint_every_steps=2), data, None, run,
-                    progress=False, check_data=False, resume=True, plots=False)
+                    progress=False, check_data=False, resume=True, plots=False,
+                    clock=resumed_clock, step_callback=resumed_clock.tick)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("type") == "train"]
     assert steps == sorted(set(steps)) and resumed.step == 8
-    assert json.loads((run / "metrics.json").read_text())["seconds"] >= first_seconds
+    # 2 s up to the checkpoint it resumed from, plus 6 steps of the resumed part
+    assert json.loads((run / "metrics.json").read_text())["seconds"] == 8.0
     assert not (run / "best").exists()  # no validation, no best/
 
 

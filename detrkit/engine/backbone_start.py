@@ -31,7 +31,8 @@ def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainCon
                    device: torch.device, progress: bool = True) -> BackboneStart:
     """Give `model.backbone.body` its starting weights per `train_cfg`; returns what was done.
 
-    dataset: the training `DetectionDataset` (used only by the self-pretraining fallback)."""
+    dataset: the training `DetectionDataset` (used only by the self-pretraining fallback, which takes at
+    most its share of --max-minutes)."""
     spec = (train_cfg.backbone_weights or "none").strip()
     body = model.backbone.body
     if spec != "none":
@@ -43,9 +44,10 @@ def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainCon
             log.info("backbone weights given (%s): crop pretraining skipped", spec)
     elif train_cfg.pretrain_steps > 0:
         from .pretrain import pretrain_backbone
+        from .run_plan import pretrain_seconds
 
         pre = pretrain_backbone(body, model_cfg.backbone, dataset, train_cfg, model_cfg.num_classes, device,
-                                progress)
+                                progress, max_seconds=pretrain_seconds(train_cfg))
         what = "box and background crops" if train_cfg.pretrain_background else "box crops"
         start = BackboneStart("pretrained-crops",
                               f"self-pretrained on the training set's {what} ({pre.steps} steps, "

@@ -31,7 +31,6 @@ from ..config import TrainConfig
 from ..data.dataset import DetectionDataset
 from ..data.images import ImageError, load_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from . import distributed as dist_utils
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -216,16 +215,3 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
              "boxes and background" if background else "boxes", step, accuracy)
     return PretrainResult(accuracy, len(crops), net, step)
 
-
-def pretrain_part(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, progress: bool,
-                  write_record, ema=None, max_seconds: float | None = None) -> None:
-    """The run's pretraining stage (a fresh run with cfg.pretrain_steps > 0): rank 0 pretrains the
-    model's backbone, every rank receives it, the EMA copy restarts from it. write_record(dict) logs
-    the result (metrics.jsonl)."""
-    if dist_utils.rank() == 0:
-        pre = pretrain_backbone(model.backbone.body, model.cfg.backbone, train_set.dataset, cfg,
-                                model.cfg.num_classes, device, progress, max_seconds=max_seconds)
-        write_record({"type": "pretrain", **pre.to_dict()})
-    dist_utils.broadcast_module(model.backbone)
-    if ema is not None:
-        ema.module.load_state_dict(model.state_dict())
