@@ -15,7 +15,7 @@ Datasets (prepared once under OUT/data):
   bccd      BCCD (VOC) from ../shared/data/bccd ($DETRKIT_BCCD), splits train / val
   bccd-rbc  BCCD with only the RBC class: ~13 touching cells per image, a constant box cannot score
   main      the main job's data (4000 / 100 images, engine/main_job.py's generator settings)
-Variants: base (every switch off), dn (denoising queries), groups (group queries), iou (IoU-aware
+Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising queries), groups (group queries), iou (IoU-aware
 class target), all (all three); `--set key=value` applies to every run (e.g. to shorten a budget).
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from detrkit.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
 log = logging.getLogger("convergence")
 
 VARIANTS: dict[str, dict] = {
+    "preset": {},  # the preset exactly as shipped
     "base": {"dn_groups": 0, "query_groups": 1, "iou_aware": False},
     "dn": {"dn_groups": 4, "query_groups": 1, "iou_aware": False},
     "groups": {"dn_groups": 0, "query_groups": 3, "iou_aware": False},
