@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 from detrkit.config import TrainConfig
 from detrkit.data.coco import load_coco
@@ -13,7 +15,7 @@ from detrkit.engine.pretrain import box_crops, pretrain_backbone
 from detrkit.engine.train import train
 from detrkit.model import build_model
 
-from _train_helpers import tiny_data, tiny_model, tiny_train
+from _train_helpers import StepClock, tiny_data, tiny_model, tiny_train
 
 
 def test_box_crops_follow_the_boxes(tmp_path):
@@ -108,3 +110,84 @@ def test_packed_bf16_cache_features_match_the_backbone(tmp_path):
         err = (got.float() - expected).norm() / expected.norm()
         assert err < 0.02, (h, w, float(err))
     assert not isinstance(_extractor(backbone, torch.device("cpu"), amp=False), _PackedBackbone)
+
+
+class _SlowSamples(Dataset):
+    """SeededSamples-like images whose every read advances a fake clock: a cache that takes `seconds`
+    an image, whatever the machine's load."""
+
+    def __init__(self, n: int, clock: StepClock, seconds: float):
+        self.n, self.clock, self.seconds, self.epoch = n, clock, seconds, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.clock.now += self.seconds
+        image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(100 * self.epoch + i))
+        return image, {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+
+
+def _cache(views: int, limit_of=None, images: int = 4):
+    from detrkit.engine.feature_cache import FeatureCache
+
+    clock = StepClock(0.0)
+    backbone = build_model(tiny_model().with_classes(["a"], [1])).backbone
+    limit = limit_of(clock) if limit_of else None
+    return FeatureCache(_SlowSamples(images, clock, 1.0), backbone, views, torch.device("cpu"), amp=False,
+                        progress=False, limit=limit)
+
+
+def test_cache_stops_at_the_views_that_fit_its_share(caplog):
+    """4 s a view, 9 s of share: a second view ends at 8 s, a third would end at 12 s -> 2 of 3 views,
+    said in words, and epoch e serves view e mod 2."""
+    from detrkit.engine.feature_cache import CacheLimit
+
+    with caplog.at_level(logging.INFO, logger="detrkit.engine.feature_cache"):
+        cache = _cache(3, lambda clock: CacheLimit(9.0, 30.0, clock))
+    assert cache.views == 2 and len(cache.items) == 2
+    assert "cached 2 of 3 views: view 3 would pass the caching share of --max-minutes" in caplog.text
+    assert "more than the whole" not in caplog.text
+    cache.epoch = 1
+    second = cache[0][0]
+    cache.epoch = 2  # back to the first view
+    assert torch.equal(cache[0][0], cache.items[0][0][0]) and not torch.equal(second, cache[0][0])
+
+
+def test_cache_without_a_budget_caches_every_view():
+    cache = _cache(3)  # just as slow, no limit: deterministic
+    assert cache.views == 3 and len(cache.items) == 3
+
+
+def test_cache_longer_than_the_whole_budget_warns_and_keeps_one_view(caplog):
+    from detrkit.engine.feature_cache import CacheLimit
+
+    with caplog.at_level(logging.INFO, logger="detrkit.engine.feature_cache"):
+        cache = _cache(3, lambda clock: CacheLimit(1.0, 3.0, clock))
+    assert cache.views == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "more than the whole --max-minutes budget" in warnings[0].getMessage()
+    assert "cached 1 of 3 views" in caplog.text
+
+
+def test_train_with_a_cache_shortened_by_the_time_budget(tmp_path, monkeypatch, caplog):
+    """Under --max-minutes 0.5 (30 s; the cache's share 9 s) a cache that takes 0.5 s an image (4 s a view
+    of 8 images) keeps 2 of 3 views, and the training runs its epochs to the end on them."""
+    from detrkit.engine import feature_cache
+
+    clock = StepClock(0.05)
+    features = feature_cache._features
+
+    def slow_features(batch, *args):
+        clock.now += 0.5 * len(batch)
+        return features(batch, *args)
+
+    monkeypatch.setattr(feature_cache, "_features", slow_features)
+    data = tiny_data(tmp_path / "data", 8)
+    cfg = tiny_train(lr_backbone=0.0, epochs=3, cache_views=3, max_minutes=0.5)
+    with caplog.at_level(logging.INFO):
+        result = train(tiny_model(), cfg, data, None, tmp_path / "run", progress=False, check_data=False,
+                       clock=clock, step_callback=clock.tick)
+    assert "cached 2 of 3 views" in caplog.text
+    assert "backbone features cached: 3 view(s) x 8 images, at most" in caplog.text  # the plan names the share
+    assert result.status == "completed" and result.step == 12

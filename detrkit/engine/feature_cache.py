@@ -5,12 +5,15 @@ the same arithmetic; DETR's cost on a CPU is mostly that backbone. `FeatureCache
 `views` augmented versions of each training image (view v of image i is exactly the sample
 `SeededSamples` would draw in epoch v) and serves, in epoch e, view e mod views. The training step then
 only runs projection, transformer and heads: several times more steps in the same time, the same
-result per step, with augmentation limited to `views` draws per image.
+result per step, with augmentation limited to `views` draws per image. Under --max-minutes the cache
+takes at most its share of the budget (`CacheLimit`): it stops after fewer views when another would not
+fit, and `views` is then the number cached.
 """
 from __future__ import annotations
 
 import copy
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +24,8 @@ from ..data.dataset import BadSample
 from ..model.backbone import feature_mask
 from ..model.detr import pad_images
 from ..model.fuse import PackedResNetBody, fold_batchnorms, mkldnn_fusion_available
+from . import distributed as dist_utils
+from .budget import TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +40,12 @@ class FeatureCache(Dataset):
     """
 
     def __init__(self, samples, backbone: nn.Module, views: int, device: torch.device,
-                 amp: bool = True, batch_size: int = 16, num_workers: int = 0, progress: bool = True):
+                 amp: bool = True, batch_size: int = 16, num_workers: int = 0, progress: bool = True,
+                 limit: CacheLimit | None = None):
+        """limit: the caching stage's share of --max-minutes (None: exactly `views` views)."""
         if views < 1:
             raise ValueError(f"FeatureCache: views must be >= 1, got {views}")
-        self.views, self.epoch = views, 0
+        self.epoch = 0
         self.items: list[list] = []
         backbone.eval()
         extract = _extractor(backbone, device, amp)
@@ -46,25 +53,70 @@ class FeatureCache(Dataset):
                    unit="img")
         for view in range(views):
             samples.epoch = view
-            # loader batches of several chunks, so each chunk gathers images of similar size
-            loader = DataLoader(samples, batch_size=SORT_WINDOW * batch_size, collate_fn=list,
-                                num_workers=num_workers)
-            items: list = []
-            for batch in loader:
-                items.extend(_features(batch, extract, device, amp, batch_size))
-                bar.update(len(batch))
-            self.items.append(items)
+            self.items.append(_view(samples, extract, device, amp, batch_size, num_workers, bar,
+                                    limit if view == 0 else None))
+            if view + 1 < views and limit is not None and not limit.another_view(view + 1, views):
+                break
         bar.close()
         samples.epoch = 0
+        self.views = len(self.items)  # epoch e serves view e mod views: only the views that were cached
         feats = [it[0] for it in self.items[0] if not isinstance(it, BadSample)]
-        log.info("cached backbone features of %d view(s) x %d images (%.0f MiB)", views, len(samples),
-                 views * sum(f.numel() * f.element_size() for f in feats) / 2**20)
+        log.info("cached backbone features of %d view(s) x %d images (%.0f MiB)", self.views, len(samples),
+                 self.views * sum(f.numel() * f.element_size() for f in feats) / 2**20)
 
     def __len__(self) -> int:
         return len(self.items[0])
 
     def __getitem__(self, i: int):
         return self.items[self.epoch % self.views][i]
+
+
+def _view(samples, extract, device: torch.device, amp: bool, batch_size: int, num_workers: int, bar,
+          limit: CacheLimit | None) -> list:
+    """The features of every sample of the current epoch (one view); `limit` watches the first view's pace."""
+    # loader batches of several chunks, so each chunk gathers images of similar size
+    loader = DataLoader(samples, batch_size=SORT_WINDOW * batch_size, collate_fn=list, num_workers=num_workers)
+    items: list = []
+    for batch in loader:
+        items.extend(_features(batch, extract, device, amp, batch_size))
+        bar.update(len(batch))
+        if limit is not None:
+            limit.first_view_pace(len(items), len(samples))
+    return items
+
+
+class CacheLimit:
+    """The feature cache's share of --max-minutes on the run's clock: after each complete view, the next
+    starts only when it is projected (at the mean time of the views so far) to end within `seconds` of
+    the cache's start. The first view always runs; when even it is projected to take longer than the
+    whole budget (`budget_seconds`), a warning says so. agree(stop) -> the decision of all ranks."""
+
+    def __init__(self, seconds: float, budget_seconds: float, clock: Callable[[], float],
+                 agree: Callable[[bool], bool] = lambda stop: stop):
+        self.seconds, self.budget_seconds, self.clock, self.agree = seconds, budget_seconds, clock, agree
+        self.start = clock()
+        self.warned = False
+
+    def first_view_pace(self, done: int, total: int) -> None:
+        """After `done` of the first view's `total` images: the warning, once, when the view will not fit."""
+        projected = (self.clock() - self.start) * total / max(1, done)
+        if not self.warned and projected > self.budget_seconds:
+            self.warned = True
+            log.warning("one view of the backbone feature cache is projected to take %.0f s, more than the whole "
+                        "--max-minutes budget (%.0f s): the training will get little or no time. Raise "
+                        "--max-minutes, or lower the input size (--set model.image_size=...) or cache_views=0",
+                        projected, self.budget_seconds)
+
+    def another_view(self, done: int, views: int) -> bool:
+        """After `done` complete views of the `views` wanted: whether to cache one more (logged when not)."""
+        spent = self.clock() - self.start
+        per_view = spent / done
+        stop = self.agree(spent + per_view > self.seconds)
+        if stop:
+            log.info("cached %d of %d views: view %d would pass the caching share of --max-minutes (%.0f s; "
+                     "%.1f s a view so far); training goes on with %d augmented view(s) per image",
+                     done, views, done + 1, self.seconds, per_view, done)
+        return not stop
 
 
 class _PackedBackbone:
@@ -120,10 +172,23 @@ def _run_chunk(batch: list, ks: list[int], out: list, extract, device: torch.dev
         out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target)
 
 
-def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress: bool) -> FeatureCache:
+def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress: bool,
+               budget: TimeBudget | None = None) -> FeatureCache:
     """The run's caching stage (cfg.cache_views > 0, frozen backbone): the training samples become
-    their cached backbone features."""
+    their cached backbone features. budget: the run's --max-minutes, of which caching takes at most its
+    share (run_plan.CACHE_SHARE; fewer views when more would not fit)."""
     # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
     workers = cfg.num_workers if device.type != "cpu" else 0
     return FeatureCache(samples, backbone, cfg.cache_views, device, amp=cfg.amp == "bf16", num_workers=workers,
-                        progress=progress)
+                        progress=progress, limit=_limit(cfg, budget, device))
+
+
+def _limit(cfg, budget: TimeBudget | None, device: torch.device) -> CacheLimit | None:
+    if budget is None or budget.max_seconds is None:
+        return None
+    from .run_plan import cache_seconds
+
+    def agree(stop: bool) -> bool:  # every rank caches the same number of views: one stopping stops all
+        return dist_utils.all_reduce_max([float(stop)], device)[0] > 0
+
+    return CacheLimit(cache_seconds(cfg, budget.elapsed()), budget.max_seconds, budget.clock, agree)

@@ -2,7 +2,8 @@
 
 The time budget (--max-minutes) counts from the start of `train` and covers every phase: the data
 check, the backbone pretraining (at most `PRETRAIN_SHARE` of the budget, its step count fitted to that),
-the feature cache, the DETR steps (their schedule fitted to what is left when fit_schedule_to_time is
+the feature cache (at most `CACHE_SHARE` of the budget from its start: fewer views when more would not fit),
+the DETR steps (their schedule fitted to what is left when fit_schedule_to_time is
 on, else cut when the time is up) and the evaluations (the last one's duration is kept in reserve).
 `--max-steps` counts DETR optimizer steps and also caps the pretraining steps.
 """
@@ -16,11 +17,21 @@ from .state import Plan, RunState
 log = logging.getLogger(__name__)
 
 PRETRAIN_SHARE = 0.2
+CACHE_SHARE = 0.3  # with the pretraining's share, at least half of the budget is left to DETR itself
 
 
 def pretrain_seconds(cfg: TrainConfig) -> float | None:
     """The most the backbone pretraining may take under --max-minutes (None: no limit)."""
     return cfg.max_minutes * 60 * PRETRAIN_SHARE if cfg.max_minutes else None
+
+
+def cache_seconds(cfg: TrainConfig, elapsed: float) -> float | None:
+    """The most the feature cache may take under --max-minutes, counted from its start after `elapsed`
+    seconds of the run (None: no limit): its share, or what is left when that is less."""
+    if not cfg.max_minutes:
+        return None
+    budget = cfg.max_minutes * 60
+    return max(0.0, min(budget * CACHE_SHARE, budget - elapsed))
 
 
 def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: int, val_images: int | None,
@@ -37,7 +48,9 @@ def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: i
         lines.append(f"  {n}. backbone pretraining on box crops: {pretrain_steps_for(cfg)} steps{share}")
         n += 1
     if cfg.cache_views > 0:
-        lines.append(f"  {n}. backbone features cached: {cfg.cache_views} view(s) x {train_images} images")
+        share = (f", at most {budget * CACHE_SHARE:.1f} min (fewer views if more would take longer)"
+                 if budget else "")
+        lines.append(f"  {n}. backbone features cached: {cfg.cache_views} view(s) x {train_images} images{share}")
         n += 1
     left = state.total_steps - state.step
     epochs = f"{cfg.epochs} epochs of {plan.steps_per_epoch} steps"

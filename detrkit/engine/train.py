@@ -200,7 +200,7 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         start = backbone_start_part(model, train_set, train_cfg, dev, progress, run_log.write, trainer.ema)
     checkpointer.backbone_start = start
     if train_cfg.cache_views > 0:
-        train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress)
+        train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress, budget)
     trainer.cached_features = train_cfg.cache_views > 0
     if distributed:
         trainer.runner = dist_utils.wrap_ddp(trainer.module, dev)
