@@ -130,6 +130,27 @@ def test_check_cli(tmp_path, capsys):
     assert "nowhere: no such file or folder" in capsys.readouterr().out
 
 
+def test_check_cli_shows_what_training_a_preset_would_warn_about(tmp_path, capsys):
+    """Crowded synthetic images (up to 60 small shapes) against detr-tiny's 20 queries: `data check` gives
+    the warning `train` would give at its start, with the fix; a --set that fixes it silences it."""
+    from collections import Counter
+
+    from detrkit.data.synthetic import make_synthetic
+
+    path = make_synthetic(tmp_path / "crowded", num_images=4, variant="hard", image_size=(320, 320),
+                          max_objects=60, object_size=(12, 20))
+    per_image = Counter(a["image_id"] for a in json.loads(path.read_text())["annotations"])
+    crowded = [n for n in per_image.values() if n > 20]
+    assert crowded  # the data this test is about
+    assert cli_main(["data", "check", str(path), "--no-decode"]) == 0
+    out = capsys.readouterr().out
+    assert "Training with preset detr-tiny (" in out
+    assert f"{len(crowded)} of 4 images have more objects than the model's 20 queries (up to {max(crowded)}" in out
+    assert out.index("Training with preset") < out.index("Result: OK")
+    assert cli_main(["data", "check", str(path), "--no-decode", "--set", "model.num_queries=100"]) == 0
+    assert "queries" not in capsys.readouterr().out
+
+
 # ---- real data sets (skipped when absent) ----------------------------------------------------------
 
 def test_bccd_findings():

@@ -70,6 +70,9 @@ class CheckReport:
     crowd_boxes: int = 0  # iscrowd=1 (COCO crowd regions, VOC difficult objects)
     unused_categories: list[str] = field(default_factory=list)  # listed but without any box
     boxes: BoxStats = field(default_factory=BoxStats)
+    index: DatasetIndex | None = field(default=None, repr=False, compare=False)  # None: unreadable or panoptic
+    preset: str | None = None  # set with `training`: what training that preset on this data will warn about
+    training: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -112,9 +115,17 @@ class CheckReport:
             lines += [f"  {p.where}: {p.message}" for p in items[:max_problems]]
             if len(items) > max_problems:
                 lines.append(f"  ... and {len(items) - max_problems} more")
+        if self.preset is not None:
+            lines += _training_lines(self.preset, self.training)
         lines.append("Result: OK" + (f" ({len(self.warnings)} warnings)" if self.warnings else "")
                      if self.ok else f"Result: {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
         return "\n".join(lines)
+
+
+def _training_lines(preset: str, warnings: list[str]) -> list[str]:
+    if not warnings:
+        return [f"Training with preset {preset}: no warnings"]
+    return [f"Training with preset {preset} ({len(warnings)} warning(s)):"] + [f"  {w}" for w in warnings]
 
 
 def _box_where(fmt: str, index: DatasetIndex, file: Path, ann_id: int) -> str:
@@ -312,7 +323,7 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
         report.readable = False
         report.add(_unreadable(path, e))
         return report
-    report.source = index.source
+    report.source, report.index = index.source, index
 
     # the COCO reader names images it cannot find; do not report them a second time
     reported_missing = {

@@ -9,6 +9,7 @@ import argparse
 from typing import Callable
 
 from ..argtypes import non_negative_int, positive_int
+from ..config import DEFAULT_PRESET, PRESETS
 from .synthetic import VARIANTS
 
 
@@ -73,8 +74,19 @@ def _run_check(args: argparse.Namespace) -> int:
     from .check import check_dataset
 
     report = check_dataset(args.path, split=args.split, images_dir=args.images, decode_images=not args.no_decode)
+    if report.index is not None:
+        report.preset, report.training = args.preset, _training_warnings(report.index, args)
     print(report.format(max_problems=args.max_problems))
     return 0 if report.ok else 1
+
+
+def _training_warnings(index, args: argparse.Namespace) -> list[str]:
+    """The warnings `detrkit train --preset ... --set ...` would give at its start on this data."""
+    from ..config import build_configs
+    from ..engine.preflight import dataset_warnings
+
+    model_cfg, train_cfg = build_configs(args.preset, None, args.set)
+    return dataset_warnings(index, model_cfg, train_cfg)
 
 
 def add_check_command(data_sub) -> None:
@@ -83,6 +95,11 @@ def add_check_command(data_sub) -> None:
     _dataset_arguments(p)
     p.add_argument("--no-decode", action="store_true", help="read image headers only (faster; misses truncation)")
     p.add_argument("--max-problems", type=non_negative_int, default=20, help="list at most this many errors and warnings each")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="also list what training this preset on the data would warn about (too few queries, "
+                        "objects below a feature cell, warmup longer than the run, classes without boxes)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a preset setting to check with, as for train (e.g. model.num_queries=40)")
     p.set_defaults(func=_run_check)
 
 

@@ -107,6 +107,15 @@ def _round_up(n: int) -> int:
     return int(math.ceil(n * 1.2 / 10) * 10)
 
 
+def dataset_warnings(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[str]:
+    """`preflight_warnings` before any run (`detrkit data check`): the run's length is the one its epochs
+    and --max-steps give on all of `index`'s images (a schedule fitted to --max-minutes may be shorter)."""
+    from .state import Plan, RunState
+
+    total = RunState.fresh(Plan.of(len(index.images), train_cfg), train_cfg).total_steps
+    return preflight_warnings(index, model_cfg, train_cfg, total)
+
+
 def log_preflight(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None,
                   total_steps: int | None = None) -> list[str]:
     """`preflight_warnings`, each logged as a warning; returns them."""
