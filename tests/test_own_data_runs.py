@@ -68,25 +68,39 @@ def test_2_max_steps_bounds_the_backbone_pretraining(data, tmp_path):
     assert "(2 steps" in pre[0]  # was 50 whatever --max-steps said
 
 
-def test_2_pretraining_fitted_to_its_share_of_the_time(data):
+def _pretrain_on_step_clock(data, monkeypatch, durations, max_seconds: float) -> int:
+    """Pretraining steps run under max_seconds when step k takes durations(k) seconds (a fake clock
+    advanced once per step, where the step asks for its learning rate)."""
     from detrkit.data.dataset import DetectionDataset
     from detrkit.data.formats import load_annotations
-    from detrkit.engine.pretrain import pretrain_backbone
+    from detrkit.engine import pretrain
     from detrkit.model import build_model
 
-    ticks = iter([0.0, 0.0, 6.0] + [6.0] * 10)  # start, loop start, after 3 steps (2 s each)
+    now = [0.0]
+    calls = [0]
+    real_lr_factor = pretrain.lr_factor
 
-    def clock():
-        return next(ticks)
+    def lr_factor(step, total, schedule):
+        now[0] += durations(calls[0])
+        calls[0] += 1
+        return real_lr_factor(step, total, schedule)
 
+    monkeypatch.setattr(pretrain, "lr_factor", lr_factor)
     index = load_annotations(data)
     model = build_model(tiny_model().with_classes(index.class_names))
-    ds = DetectionDataset(index)
     cfg = tiny_train(pretrain_steps=1000, pretrain_batch_size=4)
-    res = pretrain_backbone(model.backbone.body, "resnet18", ds, cfg, len(index.class_names),
-                            __import__("torch").device("cpu"),
-                            progress=False, max_seconds=12.0, clock=clock)
-    assert res.steps == 6  # 2 s per step, 6 s left of the 12: 3 more steps, not 1000
+    res = pretrain.pretrain_backbone(model.backbone.body, "resnet18", DetectionDataset(index), cfg,
+                                     len(index.class_names), __import__("torch").device("cpu"), progress=False,
+                                     max_seconds=max_seconds, clock=lambda: now[0])
+    return res.steps
+
+
+def test_2_pretraining_fitted_to_its_share_of_the_time(data, monkeypatch):
+    # 2 s per step, 12 s: 6 steps, not 1000
+    assert _pretrain_on_step_clock(data, monkeypatch, lambda k: 2.0, 12.0) == 6
+    # a slow first step (kernel selection, memory) is not taken for the speed: 60 s, then 2 s per step,
+    # in 200 s gives 1 + 70 steps (timing the first step too gave 9)
+    assert _pretrain_on_step_clock(data, monkeypatch, lambda k: 60.0 if k == 0 else 2.0, 200.0) == 71
 
 
 def test_3_one_weights_everywhere(data, config, tmp_path, caplog, capsys):

@@ -173,12 +173,18 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     planned = total = pretrain_steps_for(cfg)
     bar = tqdm(total=total, desc="pretrain backbone", disable=not progress, dynamic_ncols=True, unit="step")
     net.train()
-    step, t_steps = 0, clock()
+    step, t_steps = 0, None
     while step < total:
-        # fitted after a few steps and re-measured every REFIT_EVERY (a busy machine's speed drifts)
-        if max_seconds is not None and step >= FIT_AFTER and (step == FIT_AFTER or step % REFIT_EVERY == 0):
+        # the first step is not timed (it pays for kernel selection and memory); the count is fitted after
+        # a few steps, re-measured every REFIT_EVERY (a busy machine's speed drifts) and at the last step
+        # (a too-short first estimate can still grow back)
+        if step == 1:
+            t_steps = clock()
+        timed = step - 1
+        if max_seconds is not None and timed >= FIT_AFTER and (
+                timed == FIT_AFTER or step % REFIT_EVERY == 0 or step == total - 1):
             now = clock()
-            per_step = (now - t_steps) / step
+            per_step = (now - t_steps) / timed
             fitted = min(planned, max(step + 1, step + int((max_seconds - (now - t0)) / per_step)))
             if fitted != total:
                 log.info("backbone pretraining fitted to its time (%.1f min): %d steps of %d", max_seconds / 60,
