@@ -50,3 +50,14 @@ def amp_of(precision: str | None, device: str, preset_amp: str | None = None) ->
     from .model.fuse import default_inference_dtype
 
     return "bf16" if default_inference_dtype(device) == torch.bfloat16 else "none"
+
+
+def resolve_amp(amp: str, device) -> str:
+    """A TrainConfig.amp value -> "none" or "bf16" on this device ("auto": bf16 where it is native)."""
+    if amp != "auto":
+        return amp
+    import torch
+
+    from .model.fuse import default_inference_dtype
+
+    return "bf16" if default_inference_dtype(device) == torch.bfloat16 else "none"

@@ -152,3 +152,34 @@ def test_every_command_defaults_to_the_same_device_and_a_broken_command_module_i
     monkeypatch.setattr(importlib, "import_module", broken)
     with pytest.raises(ImportError, match="matplotlib"):
         cli.build_parser()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, native):
+    # on an AVX2-only CPU bfloat16 is emulated (~15x slower than float32): "auto" must not pick it there
+    from detrkit.config import get_preset
+    from detrkit.device import resolve_amp
+    from detrkit.model import fuse
+
+    monkeypatch.setattr(fuse, "amx_bf16_available", lambda: native)
+    want = "bf16" if native else "none"
+    assert resolve_amp("auto", "cpu") == want
+    assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("none", "cpu") == "none"  # explicit wins
+    assert get_preset("detr-tiny").train.amp == "auto"
+    step = _stepper(tiny_train(amp="auto"))
+    assert step.amp_dtype == (torch.bfloat16 if native else None)
+
+
+def test_training_records_the_precision_auto_chose(tmp_path, monkeypatch):
+    import json
+
+    from detrkit.engine.train import train
+    from detrkit.model import fuse
+
+    from _train_helpers import tiny_data
+
+    monkeypatch.setattr(fuse, "amx_bf16_available", lambda: False)
+    train_json = tiny_data(tmp_path / "data", n=4)
+    train(tiny_model(), tiny_train(amp="auto", max_steps=1), train_json, None, tmp_path / "run", device="cpu",
+          progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["amp"] == "none"

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.dataset import BadSample
+from ..device import resolve_amp
 from ..model.backbone import feature_mask
 from ..model.detr import pad_images
 from ..model.fuse import PackedResNetBody, fold_batchnorms, mkldnn_fusion_available
@@ -141,7 +142,7 @@ class _PackedBackbone:
 def _extractor(backbone: nn.Module, device: torch.device, amp: bool):
     """The fastest exact-enough way to run the frozen backbone here: packed bf16 on a CPU with amp,
     the module itself (under autocast when amp) elsewhere."""
-    if amp and device.type == "cpu" and mkldnn_fusion_available() and hasattr(backbone, "body"):
+    if amp and device.type == "cpu" and mkldnn_fusion_available(torch.bfloat16) and hasattr(backbone, "body"):
         return _PackedBackbone(backbone)
 
     def run(images, mask):
@@ -179,7 +180,8 @@ def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress
     share (run_plan.CACHE_SHARE; fewer views when more would not fit)."""
     # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
     workers = cfg.num_workers if device.type != "cpu" else 0
-    return FeatureCache(samples, backbone, cfg.cache_views, device, amp=cfg.amp == "bf16", num_workers=workers,
+    amp = resolve_amp(cfg.amp, device) == "bf16"
+    return FeatureCache(samples, backbone, cfg.cache_views, device, amp=amp, num_workers=workers,
                         progress=progress, limit=_limit(cfg, budget, device))
 
 

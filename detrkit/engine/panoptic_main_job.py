@@ -35,6 +35,7 @@ def run_panoptic_main_job(out_dir: str | os.PathLike, minutes: float = 20.0, pre
                           sets: list[str] | None = None, num_figures: int = 6) -> dict:
     """Run the whole job within `minutes` (wall clock, data generation included); returns a summary."""
     from ..data.synthetic_panoptic import make_synthetic_panoptic_splits
+    from ..device import resolve_amp
     from .main_job import start_job
     from .panoptic import train_mask_head
     from .train import train
@@ -53,7 +54,7 @@ def run_panoptic_main_job(out_dir: str | os.PathLike, minutes: float = 20.0, pre
     head = train_mask_head(out / "detector" / "final", train_json, val_json, out / "mask_head",
                            lr=MASK_HEAD_LR, batch_size=8, max_minutes=max(0.5, left), warmup_steps=20,
                            scales=list(train_cfg.train_scales), max_size=train_cfg.train_max_size,
-                           amp=train_cfg.amp == "bf16")
+                           amp=resolve_amp(train_cfg.amp, "cpu") == "bf16")
     if (out / "final").exists():
         shutil.rmtree(out / "final")
     shutil.copytree(out / "mask_head" / "final", out / "final")

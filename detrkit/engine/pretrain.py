@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from ..device import resolve_amp
 from ..config import TrainConfig
 from ..data.dataset import DetectionDataset
 from ..data.images import ImageError, load_image
@@ -168,7 +169,7 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     torch.manual_seed(cfg.seed)
     net = getattr(torchvision.models, backbone_name)(num_classes=num_classes).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device) == "bf16")
     bs = min(cfg.pretrain_batch_size, len(train))
     planned = total = pretrain_steps_for(cfg)
     bar = tqdm(total=total, desc="pretrain backbone", disable=not progress, dynamic_ncols=True, unit="step")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..device import resolve_amp
 from ..config import TrainConfig
 from ..losses import SetCriterion, split_aux
 from ..model.detr import BackboneFeatures, pad_images
@@ -89,7 +90,7 @@ class TrainStep:
         self.device = device
         self.accum = max(1, cfg.accumulate)
         self.clip = cfg.clip_max_norm if cfg.clip_max_norm > 0 else float("inf")
-        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        self.amp_dtype = torch.bfloat16 if resolve_amp(cfg.amp, device) == "bf16" else None
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.nonfinite_streak = 0
         self._reset()

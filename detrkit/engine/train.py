@@ -15,6 +15,7 @@ numpy and torch RNG states of every rank are stored and restored (dropout).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ def train(
     Under torchrun (WORLD_SIZE > 1) it joins the process group and trains with DDP.
     """
     budget = TimeBudget(train_cfg.max_minutes * 60 if train_cfg.max_minutes else None, clock)
+    train_cfg = _resolved_precision(train_cfg, device)
     distributed = dist_utils.init_distributed(device)
     main = dist_utils.rank() == 0
     dev = torch.device(device if not device.startswith("cuda") or not distributed
@@ -153,6 +155,18 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resolved_precision(cfg: TrainConfig, device: str) -> TrainConfig:
+    """amp "auto" -> what this device runs fast (config.json and checkpoints record the choice made)."""
+    from ..device import resolve_amp
+
+    if cfg.amp != "auto":
+        return cfg
+    amp = resolve_amp(cfg.amp, device)
+    log.info("precision auto: %s on %s", "bf16 autocast" if amp == "bf16" else
+             "float32 (no native bfloat16 here, where bf16 would be emulated and slow)", device)
+    return dataclasses.replace(cfg, amp=amp)
 
 
 def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget, model_cfg: ModelConfig,

@@ -83,11 +83,15 @@ def fold_batchnorms(module: nn.Module) -> int:
     return count
 
 
-def mkldnn_fusion_available() -> bool:
-    """oneDNN convolutions with fused post-ops (what torch.compile's CPU backend uses) exist here."""
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+def mkldnn_fusion_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN convolutions with fused post-ops (what torch.compile's CPU backend uses) exist here, for
+    `dtype` (bf16 needs a CPU oneDNN has a bf16 path for: AVX-512 or AVX-NE-CONVERT; AVX2 has none)."""
+    ok = (torch.backends.mkldnn.is_available()
+          and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+          and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+    if ok and dtype == torch.bfloat16:
+        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return ok
 
 
 class PackedConv2d(nn.Module):
@@ -327,7 +331,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | str | None = t
             if isinstance(m, nn.Conv2d):
                 _replace_param(m, "weight", m.weight.detach().contiguous(memory_format=torch.channels_last))
     if packed is None:
-        packed = device.type == "cpu" and not compile and mkldnn_fusion_available()
+        packed = device.type == "cpu" and not compile and mkldnn_fusion_available(dtype)
     if packed:
         if device.type != "cpu":
             raise ValueError("optimize_for_inference: packed oneDNN convolutions run on the CPU only")
