@@ -188,8 +188,10 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
             per_step = (now - t_steps) / timed
             fitted = min(planned, max(step + 1, step + int((max_seconds - (now - t0)) / per_step)))
             if fitted != total:
-                log.info("backbone pretraining fitted to its time (%.1f min): %d steps of %d", max_seconds / 60,
-                         fitted, planned)
+                # said once, and again only when the estimate moves by a tenth or more
+                say = log.info if total == planned or abs(fitted - total) >= 0.1 * total else log.debug
+                say("backbone pretraining fitted to its time (%.1f min): %d steps of %d", max_seconds / 60,
+                    fitted, planned)
                 total = bar.total = fitted
         lr = cfg.pretrain_lr * lr_factor(step, total, "cosine")
         for group in opt.param_groups:
