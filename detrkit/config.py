@@ -180,6 +180,9 @@ class TrainConfig(_DictIO):
     # frozen backbone only (lr_backbone <= 0): compute its features once for this many augmented views
     # of each training image instead of on every step (engine/feature_cache.py); 0: off
     cache_views: int = 0
+    # a small training set gets more views (more augmentation where an epoch is a few steps): as many as
+    # make at least this many cached images in all, up to MAX_VIEWS, within caching's share of the time
+    cache_images: int = 0
     # bookkeeping
     seed: int = 42
     checkpoint_every_steps: int | None = None
@@ -199,7 +202,7 @@ class TrainConfig(_DictIO):
             "set_cost_giou": (0, False), "ce_loss_coef": (0, False), "bbox_loss_coef": (0, False),
             "giou_loss_coef": (0, False), "eos_coef": (0, False), "train_max_size": (1, False),
             "num_workers": (0, False), "pretrain_steps": (0, False), "pretrain_lr": (0, False),
-            "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False),
+            "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False), "cache_images": (0, False),
             "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
             "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
             "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False)})
@@ -252,7 +255,7 @@ PRESETS: dict[str, Preset] = {
             lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=32, epochs=60, schedule="cosine",
             warmup_steps=100, clip_max_norm=0.1, amp="auto", num_workers=1, eval_every_epochs=8,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
-            pretrain_steps=300, cache_views=3, fit_schedule_to_time=True,
+            pretrain_steps=300, cache_views=3, cache_images=12000, fit_schedule_to_time=True,
             # training-only convergence switches (engine/convergence.py): the decoder learns from noised
             # ground truth and from 3 query sets at once; inference and the weights stay plain DETR
             dn_groups=4, query_groups=3,
@@ -272,7 +275,7 @@ PRESETS: dict[str, Preset] = {
             lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=16, epochs=60, schedule="cosine",
             warmup_steps=100, clip_max_norm=0.1, amp="auto", num_workers=1, eval_every_epochs=8,
             train_scales=[224, 256, 288], train_max_size=352, crop_resize=[224, 256], crop_size=[192, 256],
-            pretrain_steps=300, cache_views=2, fit_schedule_to_time=True, dn_groups=4, query_groups=3,
+            pretrain_steps=300, cache_views=2, cache_images=6000, fit_schedule_to_time=True, dn_groups=4, query_groups=3,
         ),
         "detr-tiny with stride-16 (DC5) features at 224-288 px and 40 queries: objects down to ~10 px",
     ),

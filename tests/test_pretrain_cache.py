@@ -191,3 +191,15 @@ def test_train_with_a_cache_shortened_by_the_time_budget(tmp_path, monkeypatch, 
     assert "cached 2 of 3 views" in caplog.text
     assert "backbone features cached: 3 view(s) x 8 images, at most" in caplog.text  # the plan names the share
     assert result.status == "completed" and result.step == 12
+
+
+def test_a_small_set_caches_more_views_up_to_the_ceiling():
+    from detrkit.engine.feature_cache import MAX_VIEWS, planned_views
+
+    cfg = TrainConfig(cache_views=3, cache_images=12000, lr_backbone=0)
+    assert planned_views(cfg, 4000) == 3  # 12000 images already
+    assert planned_views(cfg, 205) == 59  # BCCD's train split: ceil(12000 / 205)
+    assert planned_views(cfg, 10) == MAX_VIEWS
+    assert planned_views(cfg, 100000) == 3  # never fewer than cache_views
+    assert planned_views(TrainConfig(cache_views=3, lr_backbone=0), 10) == 3  # cache_images 0: exactly cache_views
+    assert planned_views(TrainConfig(cache_views=0, cache_images=12000), 10) == 0  # caching off stays off

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -173,6 +174,18 @@ def _run_chunk(batch: list, ks: list[int], out: list, extract, device: torch.dev
         out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target)
 
 
+MAX_VIEWS = 64  # cache_images' ceiling on the views of a tiny set
+
+
+def planned_views(cfg, num_images: int) -> int:
+    """The views a run caches: cfg.cache_views, more for a small set (cfg.cache_images cached images in
+    all, at most MAX_VIEWS views); the caching stage's time share may still cut them."""
+    if cfg.cache_views <= 0:
+        return 0
+    wanted = math.ceil(cfg.cache_images / max(1, num_images)) if cfg.cache_images else 0
+    return max(cfg.cache_views, min(MAX_VIEWS, wanted))
+
+
 def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress: bool,
                budget: TimeBudget | None = None) -> FeatureCache:
     """The run's caching stage (cfg.cache_views > 0, frozen backbone): the training samples become
@@ -181,7 +194,7 @@ def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress
     # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
     workers = cfg.num_workers if device.type != "cpu" else 0
     amp = resolve_amp(cfg.amp, device) == "bf16"
-    return FeatureCache(samples, backbone, cfg.cache_views, device, amp=amp, num_workers=workers,
+    return FeatureCache(samples, backbone, planned_views(cfg, len(samples)), device, amp=amp, num_workers=workers,
                         progress=progress, limit=_limit(cfg, budget, device))
 
 

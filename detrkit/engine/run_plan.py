@@ -50,7 +50,10 @@ def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: i
     if cfg.cache_views > 0:
         share = (f", at most {budget * CACHE_SHARE:.1f} min (fewer views if more would take longer)"
                  if budget else "")
-        lines.append(f"  {n}. backbone features cached: {cfg.cache_views} view(s) x {train_images} images{share}")
+        from .feature_cache import planned_views
+
+        views = planned_views(cfg, train_images)
+        lines.append(f"  {n}. backbone features cached: {views} view(s) x {train_images} images{share}")
         n += 1
     left = state.total_steps - state.step
     epochs = f"{cfg.epochs} epochs of {plan.steps_per_epoch} steps"
