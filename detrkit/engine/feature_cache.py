@@ -91,11 +91,14 @@ class CacheLimit:
     """The feature cache's share of --max-minutes on the run's clock: after each complete view, the next
     starts only when it is projected (at the mean time of the views so far) to end within `seconds` of
     the cache's start. The first view always runs; when even it is projected to take longer than the
-    whole budget (`budget_seconds`), a warning says so. agree(stop) -> the decision of all ranks."""
+    whole budget (`budget_seconds`), a warning says so. agree(stop) -> the decision of all ranks.
+    name and advice: what is cached and how to make it fit, for that warning."""
 
     def __init__(self, seconds: float, budget_seconds: float, clock: Callable[[], float],
-                 agree: Callable[[bool], bool] = lambda stop: stop):
+                 agree: Callable[[bool], bool] = lambda stop: stop, name: str = "the backbone feature cache",
+                 advice: str = "lower the input size (--set model.image_size=...) or cache_views=0"):
         self.seconds, self.budget_seconds, self.clock, self.agree = seconds, budget_seconds, clock, agree
+        self.name, self.advice = name, advice
         self.start = clock()
         self.warned = False
 
@@ -104,10 +107,9 @@ class CacheLimit:
         projected = (self.clock() - self.start) * total / max(1, done)
         if not self.warned and projected > self.budget_seconds:
             self.warned = True
-            log.warning("one view of the backbone feature cache is projected to take %.0f s, more than the whole "
-                        "--max-minutes budget (%.0f s): the training will get little or no time. Raise "
-                        "--max-minutes, or lower the input size (--set model.image_size=...) or cache_views=0",
-                        projected, self.budget_seconds)
+            log.warning("one view of %s is projected to take %.0f s, more than the whole --max-minutes budget "
+                        "(%.0f s): the training will get little or no time. Raise --max-minutes, or %s",
+                        self.name, projected, self.budget_seconds, self.advice)
 
     def another_view(self, done: int, views: int) -> bool:
         """After `done` complete views of the `views` wanted: whether to cache one more (logged when not)."""

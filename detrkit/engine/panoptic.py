@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from ..matching import HungarianMatcher
 from ..model.segmentation import DETRSegmentation
 from ..panoptic_postprocess import PANOPTIC_THRESHOLD, instance_masks, panoptic_postprocess
 from ..panoptic_quality import PQStat
+from .feature_cache import CacheLimit
+from .mask_cache import MaskHeadCache, cached_batch
+from .run_data import SeededSamples
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -90,31 +94,77 @@ def _matched_queries(indices: list[tuple[torch.Tensor, torch.Tensor]], device) -
     return rows.to(device), [j for _, j in indices]
 
 
+FIT_AFTER_STEPS = 30  # the cosine is fitted to the time left once this many steps have measured the speed
+CACHE_SHARE = 0.35  # of max_minutes at most for caching the frozen detector: most of the time trains the head
+
+
+@dataclass
+class _HeadRun:
+    """What every step of a mask-head run needs. clock: seconds (time.monotonic unless a test's)."""
+    model: DETRSegmentation
+    cfg: ModelConfig
+    matcher: HungarianMatcher
+    criterion: object | None  # SetCriterion when joint
+    params: list
+    optimizer: torch.optim.Optimizer
+    dev: torch.device
+    joint: bool
+    amp: bool
+    lr: float
+    warmup_steps: int
+    clip_max_norm: float
+    clock: Callable[[], float]
+    t0: float
+    max_seconds: float | None
+
+    def out_of_time(self) -> bool:
+        return self.max_seconds is not None and self.clock() - self.t0 > self.max_seconds
+
+
 def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, val_json: str | os.PathLike | None,
                     out_dir: str | os.PathLike, *, joint: bool = False, lr: float = 1e-4, batch_size: int = 8,
                     epochs: int = 25, max_steps: int | None = None, max_minutes: float | None = None,
                     warmup_steps: int = 0, weight_decay: float = 1e-4, clip_max_norm: float = 0.1,
                     scales: list[int] | None = None, max_size: int | None = None, hflip: bool = True,
                     seed: int = 42, device: str = "cpu", progress: bool = True,
-                    eval_threshold: float = PANOPTIC_THRESHOLD, amp: bool = False) -> MaskHeadResult:
+                    eval_threshold: float = PANOPTIC_THRESHOLD, amp: bool = False, cache_views: int = 0,
+                    clock: Callable[[], float] | None = None) -> MaskHeadResult:
     """Train the mask head of `weights` (a box detector, or a panoptic model to continue) on a COCO
     panoptic set. Leaves out_dir/final (native panoptic weights), metrics.jsonl and metrics.json (PQ).
-    amp: run the frozen detector under bf16 autocast (the head itself trains in float32)."""
-    t0 = time.monotonic()
+    amp: run the frozen detector under bf16 autocast (the head itself trains in float32).
+    cache_views > 0 (frozen detector only): run the detector once on that many augmented views of each
+    image and train the head on its stored outputs (`mask_cache`), within CACHE_SHARE of max_minutes."""
+    clock = clock or time.monotonic
+    t0 = clock()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the fresh head's initialisation
     train_index = load_panoptic(train_json)
+    run = _start_run(weights, train_json, train_index, joint=joint, lr=lr, weight_decay=weight_decay,
+                     device=device, amp=amp, warmup_steps=warmup_steps, clip_max_norm=clip_max_norm, clock=clock,
+                     t0=t0, max_minutes=max_minutes)
+    cfg = run.cfg
+    train_set = PanopticDataset(train_index, panoptic_transforms(True, scales or [cfg.image_size],
+                                                                 max_size or cfg.max_image_size, hflip=hflip))
+    dataset, loss_fn = _training_data(run, train_set, cache_views, batch_size, seed, progress)
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    step, bad_count = _train_loop(run, dataset, loss_fn, out / "metrics.jsonl", batch_size, total, seed, progress)
+    return _finish_mask_head(run.model, cfg, val_json, out, step, t0, joint, bad_count, device, eval_threshold,
+                             progress, clock)
+
+
+def _start_run(weights, train_json, train_index: PanopticIndex, *, joint: bool, lr: float, weight_decay: float,
+               device: str, amp: bool, warmup_steps: int, clip_max_norm: float, clock, t0: float,
+               max_minutes: float | None) -> _HeadRun:
+    """The model (detector frozen unless joint) with the set's stuff classes, its matcher and optimizer."""
     model, cfg = load_panoptic_model(weights)
     cats = [cid for cid, _, _ in train_index.categories]
     if cfg.category_ids != cats:
         raise ValueError(f"{weights}: the detector's categories {cfg.category_ids} differ from {train_json}'s "
                          f"{cats}; train the detector on this set's boxes first")
     cfg.stuff_category_ids = sorted(train_index.stuff_ids)
-    scales = scales or [cfg.image_size]
-    max_size = max_size or cfg.max_image_size
-    train_set = PanopticDataset(train_index, panoptic_transforms(True, scales, max_size, hflip=hflip))
+    dev = torch.device(device)
     model.to(dev)
     criterion = None
     if joint:
@@ -127,56 +177,118 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
         matcher = HungarianMatcher()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    log_path = out / "metrics.jsonl"
-    step, window, wn = 0, {}, 0
-    bad_count = 0
-    bar = tqdm(total=total, disable=not progress, desc="mask head" if not joint else "joint", unit="step")
-    fitted = max_minutes is None
-    done = False
+    return _HeadRun(model, cfg, matcher, criterion, params, optimizer, dev, joint, amp, lr, warmup_steps,
+                    clip_max_norm, clock, t0, max_minutes * 60 if max_minutes is not None else None)
+
+
+def _training_data(run: _HeadRun, train_set: PanopticDataset, cache_views: int, batch_size: int, seed: int,
+                   progress: bool) -> tuple:
+    """(the dataset the loop reads, loss_fn(inputs, targets) -> (loss, terms) of one of its batches):
+    images through the detector every step, or the frozen detector's cached outputs."""
+    if cache_views > 0 and run.joint:
+        log.warning("joint training changes the detector, so its outputs cannot be cached: cache_views ignored")
+    if cache_views <= 0 or run.joint:
+        return train_set, lambda images, targets: _mask_loss(run.model, run.matcher, run.criterion, images,
+                                                             targets, run.dev, run.amp)
+    cache = _detector_cache(run, train_set, cache_views, batch_size, seed, progress)
+
+    def cached_loss(entries: list[dict], targets: list[dict]):
+        outputs, state = cached_batch(entries, run.dev)
+        return _masks_and_losses(run.model, run.matcher, outputs, state, _to_device(targets, run.dev))
+
+    return cache, cached_loss
+
+
+def _detector_cache(run: _HeadRun, train_set: PanopticDataset, views: int, batch_size: int, seed: int,
+                    progress: bool) -> MaskHeadCache:
+    """The frozen detector's outputs on `views` seeded augmented views of the set, within CACHE_SHARE
+    of the time budget (fewer views when another would not fit)."""
+    limit = None
+    if run.max_seconds is not None:
+        limit = CacheLimit(run.max_seconds * CACHE_SHARE, run.max_seconds, run.clock,
+                           name="the frozen detector's cache", advice="lower the image sizes or cache_views")
+        log.info("caching the frozen detector's outputs: %d view(s) x %d images, at most %.0f s (%.0f%% of the "
+                 "time budget; fewer views if more would take longer)", views, len(train_set), limit.seconds,
+                 100 * CACHE_SHARE)
+    run.model.eval()
+
+    def detect(images: list):
+        return _frozen_detect(run.model, [im.to(run.dev) for im in images], run.dev, run.amp)
+
+    stride = 16 if run.cfg.dilation else 32
+    dtype = torch.bfloat16 if run.amp else torch.float32  # bf16 only where the detector runs in it anyway
+    return MaskHeadCache(SeededSamples(train_set, seed), detect, views, stride=stride, dtype=dtype,
+                         batch_size=batch_size, progress=progress, limit=limit)
+
+
+def _train_loop(run: _HeadRun, dataset, loss_fn, log_path: Path, batch_size: int, total: int, seed: int,
+                progress: bool) -> tuple[int, int]:
+    """Shuffled epochs (a cache serves view e mod views in epoch e) until `total` steps or the time is up;
+    with a time budget the cosine is fitted to the time left after FIT_AFTER_STEPS. -> (steps, bad samples)."""
+    step, bad_count, window, wn, epoch = 0, 0, {}, 0, 0
+    bar = tqdm(total=total, disable=not progress, desc="mask head" if not run.joint else "joint", unit="step")
+    fitted = run.max_seconds is None
     gen = torch.Generator().manual_seed(seed)
-    while not done:
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=gen)
-        for images, targets, bad in loader:
+    start = run.clock()  # after any caching: the fit measures the steps alone
+    while True:
+        if isinstance(dataset, MaskHeadCache):
+            dataset.epoch = epoch
+        stepped = False
+        for inputs, targets, bad in DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                               generator=gen):
             bad_count += len(bad)
             for b in bad:
                 log.warning("skipping a bad sample: %s", b)
-            if not images:
+            losses = _step(run, loss_fn, inputs, targets, step, total) if inputs else None
+            if losses is None:
                 continue
-            model.train()
-            if not joint:
-                model.detr.eval()  # frozen: no dropout, as at inference
-            loss, losses = _mask_loss(model, matcher, criterion if joint else None, images, targets, dev, amp)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * lr_factor(step, total, "cosine", None, warmup_steps)
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                log.warning("step %d: non-finite loss, skipped", step)
-                continue
-            loss.backward()
-            if clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
-            optimizer.step()
-            step += 1
+            step, stepped = step + 1, True
             bar.update(1)
             for k, v in losses.items():
                 window[k] = window.get(k, 0.0) + float(v.detach())
             wn += 1
             if step % 10 == 0:
-                _log_window(log_path, bar, step, optimizer.param_groups[0]["lr"], window, wn)
+                _log_window(log_path, bar, step, run.optimizer.param_groups[0]["lr"], window, wn)
                 window, wn = {}, 0
-            elapsed = time.monotonic() - t0
-            if not fitted and step == 30:  # fit the cosine to the time budget, as the detector's run does
-                per_step = elapsed / step
-                total = min(total, step + max(1, int((max_minutes * 60 - elapsed) / per_step)))
-                bar.total = total
+            if not fitted and step == FIT_AFTER_STEPS:
+                total = bar.total = _fit_to_time(run, step, total, start)
                 fitted = True
-            if step >= total or (max_minutes is not None and elapsed > max_minutes * 60):
-                done = True
-                break
-    bar.close()
-    return _finish_mask_head(model, cfg, val_json, out, step, t0, joint, bad_count, device, eval_threshold, progress)
+            if step >= total or run.out_of_time():
+                bar.close()
+                return step, bad_count
+        if not stepped:  # every sample bad (or every loss non-finite): another epoch would change nothing
+            log.warning("an epoch without a single training step: stopping at step %d", step)
+            bar.close()
+            return step, bad_count
+        epoch += 1
+
+
+def _step(run: _HeadRun, loss_fn, inputs: list, targets: list[dict], step: int, total: int) -> dict | None:
+    """One optimizer step on a batch -> its loss terms (None: a non-finite loss, the step skipped)."""
+    run.model.train()
+    if not run.joint:
+        run.model.detr.eval()  # frozen: no dropout, as at inference
+    loss, losses = loss_fn(inputs, targets)
+    for g in run.optimizer.param_groups:
+        g["lr"] = run.lr * lr_factor(step, total, "cosine", None, run.warmup_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        log.warning("step %d: non-finite loss, skipped", step)
+        return None
+    loss.backward()
+    if run.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, run.clip_max_norm)
+    run.optimizer.step()
+    return losses
+
+
+def _fit_to_time(run: _HeadRun, step: int, total: int, start: float) -> int:
+    """The steps that fit in the time left at the speed of the steps since `start` (never more than `total`)."""
+    now = run.clock()
+    per_step = (now - start) / step
+    fitted = min(total, step + max(1, int((run.max_seconds - (now - run.t0)) / per_step)))
+    log.info("mask head: %d steps fit in the time left (%.3f s a step)", fitted, per_step)
+    return fitted
 
 
 def _log_window(log_path: Path, bar, step: int, lr: float, window: dict, n: int) -> None:
@@ -187,24 +299,42 @@ def _log_window(log_path: Path, bar, step: int, lr: float, window: dict, n: int)
     bar.set_postfix(mask=f"{rec.get('loss_mask', 0):.3f}", dice=f"{rec.get('loss_dice', 0):.3f}")
 
 
+def _to_device(targets: list[dict], dev: torch.device) -> list[dict]:
+    return [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+
+def _frozen_detect(model, images: list, dev: torch.device, amp: bool) -> tuple[dict, dict]:
+    """The frozen detector without gradients (under bf16 autocast with amp) -> (outputs, state) in float32."""
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+        outputs, state = model.detect(images)
+    if amp:
+        outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
+        state = {k: ([t.float() for t in v] if isinstance(v, list) else v.float() if v.is_floating_point() else v)
+                 for k, v in state.items()}
+    return outputs, state
+
+
 def _mask_loss(model, matcher, criterion, images: list, targets: list[dict], dev: torch.device, amp: bool = False):
     """One batch through the detector (with gradients only when `criterion`, i.e. joint training) and
     the mask head on the matched queries -> (weighted total, the loss terms). amp: the frozen detector
     under bf16 autocast (the head and the matcher stay float32)."""
     images = [im.to(dev) for im in images]
-    targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    frozen_amp = amp and criterion is None
-    with torch.set_grad_enabled(criterion is not None), torch.autocast(dev.type, torch.bfloat16, enabled=frozen_amp):
+    targets = _to_device(targets, dev)
+    if criterion is None:
+        outputs, state = _frozen_detect(model, images, dev, amp)
+    else:
         outputs, state = model.detect(images)
-    if frozen_amp:
-        outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
-        state = {k: ([t.float() for t in v] if isinstance(v, list) else v.float() if v.is_floating_point() else v)
-                 for k, v in state.items()}
+    return _masks_and_losses(model, matcher, outputs, state, targets, criterion)
+
+
+def _masks_and_losses(model, matcher, outputs: dict, state: dict, targets: list[dict], criterion=None):
+    """The detector's outputs matched to the targets, the head's masks of the matched queries and their
+    losses (+ the box losses when joint) -> (weighted total, the loss terms)."""
     indices = matcher(outputs, targets)
-    queries, tgt_idx = _matched_queries(indices, dev)
+    queries, tgt_idx = _matched_queries(indices, outputs["pred_logits"].device)
     pred_masks = model.predict_masks(state, queries)
     n = max(1.0, float(sum(len(t["labels"]) for t in targets)))
-    padded = tuple(state["fpns"][2].shape[-2:])
+    padded = tuple(state["fpns"][2].shape[-2:])  # stride 4 of the padded batch
     losses = mask_losses(pred_masks, targets, tgt_idx, n, (padded[0] * 4, padded[1] * 4))
     loss = sum(losses[k] * MASK_WEIGHTS[k] for k in losses)
     if criterion is not None:
@@ -215,7 +345,7 @@ def _mask_loss(model, matcher, criterion, images: list, targets: list[dict], dev
 
 
 def _finish_mask_head(model, cfg, val_json, out: Path, step: int, t0: float, joint: bool, bad_count: int,
-                      device: str, eval_threshold: float, progress: bool) -> MaskHeadResult:
+                      device: str, eval_threshold: float, progress: bool, clock=time.monotonic) -> MaskHeadResult:
     """final/ (native panoptic weights), the PQ evaluation on `val_json` and metrics.json."""
     model.eval()
     from ..weights.native import save_native
@@ -226,7 +356,7 @@ def _finish_mask_head(model, cfg, val_json, out: Path, step: int, t0: float, joi
         metrics = evaluate_panoptic(model, cfg, val_json, device=device, threshold=eval_threshold, progress=progress)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"type": "eval", "step": step, **_flat(metrics)}) + "\n")
-    seconds = time.monotonic() - t0
+    seconds = clock() - t0
     summary = {"steps": step, "seconds": round(seconds, 1), "joint": joint, "bad_samples": bad_count, **metrics}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     return MaskHeadResult(out, step, seconds, metrics)
