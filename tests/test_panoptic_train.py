@@ -176,3 +176,102 @@ def test_cli_train_masks_eval_predict_panoptic(setup, tmp_path, capsys):
                  "--threshold", "0", "--out", str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred" / "panoptic.json").exists()
     assert (tmp_path / "pred" / "panoptic" / f"{images[0].stem}.png").exists()
+
+
+def _first_losses(monkeypatch, run):
+    """The loss terms of the first step of `run()`, whichever way the head's inputs came."""
+    from detrkit.engine import panoptic
+
+    seen = []
+    losses_of = panoptic._masks_and_losses
+
+    def record(*args, **kwargs):
+        loss, terms = losses_of(*args, **kwargs)
+        seen.append({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}})
+        return loss, terms
+
+    monkeypatch.setattr(panoptic, "_masks_and_losses", record)
+    run()
+    monkeypatch.undo()
+    return seen[0]
+
+
+def test_cached_detector_outputs_give_the_uncached_first_step(setup, tmp_path, monkeypatch):
+    """One view, no flip, one scale: the cache holds exactly what the detector computes on the step's
+    image, so the first step's losses match. Batch size 1, because the synthetic images differ in size:
+    a padded batch runs the backbone over the padding (its border features, and the maps in the padding,
+    depend on the batch), while the cache keeps each image's maps alone and pads them with zeros."""
+    root, train_json, _ = setup
+    kwargs = dict(max_steps=1, batch_size=1, hflip=False, progress=False, lr=1e-3)
+    plain = _first_losses(monkeypatch, lambda: train_mask_head(root / "detector", train_json, None,
+                                                               tmp_path / "plain", **kwargs))
+    cached = _first_losses(monkeypatch, lambda: train_mask_head(root / "detector", train_json, None,
+                                                                tmp_path / "cached", cache_views=1, **kwargs))
+    assert plain.keys() == cached.keys() and plain["loss"] > 0
+    for k in plain:
+        assert cached[k] == pytest.approx(plain[k], rel=1e-4), k
+
+
+def test_cached_entries_have_each_images_own_sizes_and_pad_back_to_the_batch(setup):
+    """Images of different sizes: each entry's maps have the sizes the image alone gives, and a padded
+    batch of entries has the shapes (and feature mask) of the detector's own padded batch."""
+    from detrkit.engine.mask_cache import _detect_chunk, cached_batch
+
+    root, _, _ = setup
+    model, _ = load_panoptic_model(root / "detector")
+    images = [torch.randn(3, h, w) for h, w in ((64, 80), (50, 71), (33, 47))]
+    with torch.no_grad():
+        entries = _detect_chunk(lambda ims: model.detect(ims), images, 32, torch.float32)
+        for im, entry in zip(images, entries):
+            _, alone = model.detect([im])
+            assert entry["memory"].shape == alone["memory"][0].shape and not entry["fmask"].all()
+            assert [f.shape for f in entry["fpns"]] == [f[0].shape for f in alone["fpns"]]
+        outputs, batch = model.detect(images)
+    got_outputs, got = cached_batch(entries, torch.device("cpu"))
+    assert torch.equal(got_outputs["pred_boxes"], outputs["pred_boxes"])
+    assert got["memory"].shape == batch["memory"].shape and torch.equal(got["fmask"], batch["fmask"])
+    assert [f.shape for f in got["fpns"]] == [f.shape for f in batch["fpns"]]
+    assert got["src_proj"].shape == batch["src_proj"].shape and got["queries"].shape == batch["queries"].shape
+
+
+def test_a_short_cached_run_lowers_the_mask_losses_and_evaluates(setup, tmp_path):
+    root, train_json, val_json = setup
+    res = train_mask_head(root / "detector", train_json, val_json, tmp_path / "run", max_steps=20, batch_size=3,
+                          lr=1e-3, cache_views=2, progress=False, eval_threshold=0.0)
+    assert res.steps == 20
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = [r for r in rows if r["type"] == "train"]
+    assert last["loss_mask"] + last["loss_dice"] < first["loss_mask"] + first["loss_dice"]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and 0.0 <= metrics["PQ"] <= 1.0
+
+
+def test_the_detector_cache_keeps_to_its_share_of_the_time(setup, tmp_path, monkeypatch, caplog):
+    """max_minutes 0.05 (3 s; the cache's share 1.05 s) and a detector that takes 0.25 s a batch (on a
+    fake clock): a view of 6 images in batches of 3 takes 0.5 s, so 2 of 3 views are cached, said in words."""
+    import logging
+
+    from detrkit.engine import mask_cache
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    detect_chunk = mask_cache._detect_chunk
+
+    def slow(*args):
+        clock.now += 0.25
+        return detect_chunk(*args)
+
+    monkeypatch.setattr(mask_cache, "_detect_chunk", slow)
+    root, train_json, _ = setup
+    with caplog.at_level(logging.INFO, logger="detrkit.engine"):
+        res = train_mask_head(root / "detector", train_json, None, tmp_path / "run", max_steps=2, batch_size=3,
+                              max_minutes=0.05, cache_views=3, progress=False, clock=clock)
+    assert res.steps == 2
+    assert "cached 2 of 3 views: view 3 would pass the caching share of --max-minutes" in caplog.text
+    assert "cached the frozen detector's outputs for 2 view(s) x 6 images" in caplog.text
