@@ -164,7 +164,7 @@ def test_cli_train_masks_eval_predict_panoptic(setup, tmp_path, capsys):
 
     root, train_json, val_json = setup
     assert main(["train-masks", "--data", str(train_json), "--frozen-weights", str(root / "detector"),
-                 "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "3"]) == 0
+                 "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "3", "--cache-views", "1"]) == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     capsys.readouterr()
     assert main(["eval", "--weights", str(tmp_path / "run" / "final"), "--data", str(val_json),
@@ -275,3 +275,14 @@ def test_the_detector_cache_keeps_to_its_share_of_the_time(setup, tmp_path, monk
     assert res.steps == 2
     assert "cached 2 of 3 views: view 3 would pass the caching share of --max-minutes" in caplog.text
     assert "cached the frozen detector's outputs for 2 view(s) x 6 images" in caplog.text
+
+
+def test_train_masks_help_names_the_caching_share():
+    import argparse
+
+    from detrkit.engine.panoptic import CACHE_SHARE
+    from detrkit.engine.panoptic_commands import add_train_masks_parser
+
+    parser = add_train_masks_parser(argparse.ArgumentParser().add_subparsers())
+    text = " ".join(parser.format_help().split())
+    assert f"at most {round(100 * CACHE_SHARE)}% of --max-minutes" in text and "(default: 0)" in text
