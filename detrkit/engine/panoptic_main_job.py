@@ -26,15 +26,15 @@ DEFAULT_NUM_TRAIN = 2000
 DEFAULT_NUM_VAL = 100
 DEFAULT_IMAGE_SIZE = (128, 192)
 # of the training time: the detector needs most of it. At 0.68 the head got ~600 uncached steps, its DICE
-# loss still falling; cached steps cost ~0.45 of those (after caching a view, ~0.75 of an epoch's
-# detector time), so at 0.6 it gets ~1.8x the steps for 12% less detector time
+# loss still falling; cached steps cost ~0.45 of those (after caching a view: about half an uncached
+# epoch), so at 0.6 it gets ~2x the steps for 12% less detector time
 DETECTOR_SHARE = 0.6
 MASK_HEAD_LR = 1e-3  # the paper's 1e-4 is for 25 epochs of COCO; a CPU budget of minutes needs more
 EVAL_RESERVE_MINUTES = 1.5  # two evaluations (detector, panoptic), weights and overlays
 # the frozen detector is half of a mask-head step: its outputs on augmented views of each image are
 # computed once (~1 MB an image), and the head's steps then cost ~0.45 as much. A view of 2000 images
-# takes ~2 min on 2 cores, so the caching share (panoptic.CACHE_SHARE) usually keeps 1 view; a second,
-# for more varied augmentation, where the machine is fast enough
+# takes 1.5-2.5 min on 2 cores, so the caching share (panoptic.CACHE_SHARE) usually keeps 1 view; a
+# second, for more varied augmentation, where the machine is fast enough
 CACHE_VIEWS = 2
 
 
