@@ -144,6 +144,21 @@ def first_reach(evals: list[dict], step_minutes: dict[int, float], threshold: fl
     return None
 
 
+def machine(device: str) -> str:
+    """The CPU (or GPU) model, cores and the precision the run trained in: what the minutes depend on."""
+    import torch
+
+    from detrkit.device import resolve_amp
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                     if line.startswith("model name")), "cpu") + f", {os.cpu_count()} cores"
+    amp = resolve_amp("auto", device)
+    return f"{name}, {'bf16' if amp == 'bf16' else 'float32'}"
+
+
 def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, sets: dict,
             device: str = "cpu", reuse_backbone: bool = False) -> dict:
     from detrkit.engine.train import train
@@ -176,6 +191,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
         "minutes": result.seconds / 60, "status": result.status,
         **{f"min_to_{t}": first_reach(evals, step_minutes, t) for t in THRESHOLDS},
         "load_start": load_start[0], "load_end": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "machine": machine(device),
         "threads": __import__("torch").get_num_threads(),
         "sets": sets, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
         "curve": [(e["step"], round(e.get("AP50", 0.0), 3)) for e in evals],
@@ -194,8 +210,8 @@ def _fmt(v, digits=3) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| dataset | preset | variant | budget (min) | AP | AP50 | APs | steps | minutes | min to AP50 0.3 | "
-             "min to AP50 0.5 | load avg (start/end) | settings |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "min to AP50 0.5 | load avg (start/end) | machine | settings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], list(VARIANTS).index(r["variant"]), r["date"])):
         sets = ", ".join(f"{k}={v}" for k, v in r.get("sets", {}).items()) or "-"
         if r.get("shared_backbone_minutes") is not None:
@@ -203,7 +219,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['preset']} | {r['variant']} | {r['budget_min']:g} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
             f"{_fmt(r['APs'])} | {r['steps']} | {r['minutes']:.1f} | {_fmt(r['min_to_0.3'], 1)} | "
-            f"{_fmt(r['min_to_0.5'], 1)} | {r['load_start']:.1f} / {r['load_end']:.1f} | {sets} |")
+            f"{_fmt(r['min_to_0.5'], 1)} | {r['load_start']:.1f} / {r['load_end']:.1f} | "
+            f"{r.get('machine', 'Intel Xeon (AMX), 2 cores, bf16')} | {sets} |")
     return "\n".join(lines)
 
 
