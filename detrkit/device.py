@@ -45,11 +45,7 @@ def amp_of(precision: str | None, device: str, preset_amp: str | None = None) ->
         return "bf16"
     if preset_amp is not None:
         return preset_amp
-    import torch
-
-    from .model.fuse import default_inference_dtype
-
-    return "bf16" if default_inference_dtype(device) == torch.bfloat16 else "none"
+    return resolve_amp("auto", device)
 
 
 def resolve_amp(amp: str, device) -> str:

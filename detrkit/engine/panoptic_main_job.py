@@ -32,9 +32,9 @@ DETECTOR_SHARE = 0.6
 MASK_HEAD_LR = 1e-3  # the paper's 1e-4 is for 25 epochs of COCO; a CPU budget of minutes needs more
 EVAL_RESERVE_MINUTES = 1.5  # two evaluations (detector, panoptic), weights and overlays
 # the frozen detector is half of a mask-head step: its outputs on augmented views of each image are
-# computed once (~1 MB an image), and the head's steps then cost ~0.45 as much. A view of 2000 images
-# takes 1.5-2.5 min on 2 cores, so the caching share (panoptic.CACHE_SHARE) usually keeps 1 view; a
-# second, for more varied augmentation, where the machine is fast enough
+# computed once (~0.8 MB an image), and the head's steps then cost 0.18 s instead of 0.64 s (idle 2-core
+# AVX2 CPU). Two views of 2000 images took 1.8 min there, inside the caching share (panoptic.CACHE_SHARE);
+# a slower machine keeps fewer
 CACHE_VIEWS = 2
 
 
