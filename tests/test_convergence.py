@@ -94,6 +94,22 @@ def test_denoising_leaks_nothing_into_the_matching_queries(queries_at):
         assert not _close(a["pred_boxes"][:, :, 4:], b["pred_boxes"][:, :, 4:], atol=1e-4)
 
 
+def test_crowded_images_get_fewer_denoising_groups():
+    # 8 queries -> at most 16 denoising queries: 4 groups of 2 targets fit, 4 groups of 7 do not
+    extra = TrainingQueries(TrainConfig(dn_groups=4), 32, 8, 3)
+    assert [extra.groups_for(n) for n in (0, 1, 2, 4, 7, 16, 40)] == [4, 4, 4, 4, 2, 1, 1]
+    model = _model()
+    crowded = [{"labels": torch.arange(7) % 3, "boxes": torch.rand(7, 2).mul(0.5).add(0.25).repeat(1, 2) * 0.8},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with torch.no_grad():
+        out = training_forward(model, extra, _features(), crowded, generator=torch.Generator().manual_seed(0))
+    assert out["dn"]["pred_boxes"].shape == (2, 2, 2 * 7, 4)  # 2 layers, 2 images, 2 groups x 7 targets
+    assert out["dn"]["valid"].sum() == 2 * 7 + 2 * 1
+    # the matching queries still see none of it
+    plain = training_forward(model, None, _features(), crowded)["groups"][0]
+    assert _close(out["groups"][0]["pred_boxes"], plain["pred_boxes"])
+
+
 def test_group_queries_do_not_attend_across_groups():
     model = _model()
     extra = TrainingQueries(TrainConfig(query_groups=3), 32, 8, 3)

@@ -55,7 +55,9 @@ def test_pretraining_learns_and_hands_its_batch_norm_to_the_frozen_backbone(tmp_
 
 def test_cached_features_train_exactly_like_the_frozen_backbone(tmp_path):
     """With a frozen backbone, training on cached features (one view per epoch) gives the weights that
-    running the backbone on every step gives: same samples, same flips, same arithmetic."""
+    running the backbone on every step gives: same samples, same flips, same arithmetic (to float
+    rounding: oneDNN's channels-last convolutions split a batch of 32 differently from one of 4, and
+    Adam's normalised steps carry a 1e-7 difference in a feature to ~1e-5 in a weight)."""
     data = tiny_data(tmp_path / "data", 6)
     weights = {}
     for views in (0, 2):
@@ -66,7 +68,7 @@ def test_cached_features_train_exactly_like_the_frozen_backbone(tmp_path):
         weights[views] = {k: v.clone() for k, v in seen[max(seen)].items()}
         assert max(seen) == 6
     for k in weights[0]:
-        torch.testing.assert_close(weights[2][k], weights[0][k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(weights[2][k], weights[0][k], rtol=1e-4, atol=5e-5, msg=k)
     with pytest.raises(ValueError, match="frozen backbone"):
         train(tiny_model(), tiny_train(cache_views=1), data, None, tmp_path / "bad", progress=False, check_data=False)
 

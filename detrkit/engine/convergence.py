@@ -33,6 +33,8 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 from ..config import TrainConfig
 from ..model.detr import MLP, BackboneFeatures
 
+DN_QUERIES_PER_QUERY = 2  # the denoising part's size limit, in multiples of the model's query count
+
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
     """Sine encoding of cxcywh boxes in [0,1]: boxes [...,4] -> [...,dim] (dim/4 channels per coordinate,
@@ -59,6 +61,10 @@ class TrainingQueries(nn.Module):
         super().__init__()
         self.groups = max(1, cfg.query_groups)
         self.dn_groups = max(0, cfg.dn_groups)
+        # crowded images get fewer denoising groups (as DN-DETR's dynamic groups): the denoising part
+        # stays within DN_QUERIES_PER_QUERY x the model's queries, so a 30-object image costs no more
+        # decoder time than a 4-object one
+        self.dn_budget = DN_QUERIES_PER_QUERY * num_queries
         self.box_noise, self.label_noise = cfg.dn_box_noise, cfg.dn_label_noise
         self.num_classes = num_classes
         d = hidden_dim
@@ -77,15 +83,20 @@ class TrainingQueries(nn.Module):
     def from_config(cls, cfg: TrainConfig, model: nn.Module) -> "TrainingQueries":
         return cls(cfg, model.cfg.hidden_dim, model.cfg.num_queries, model.cfg.num_classes)
 
+    def groups_for(self, n_max: int) -> int:
+        """Denoising groups for a batch whose largest image has n_max targets: dn_groups, fewer when
+        dn_groups * n_max would pass the budget, at least one."""
+        return max(1, min(self.dn_groups, self.dn_budget // max(1, n_max)))
+
     def noised(self, targets: Sequence[dict], generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The denoising queries' inputs for a batch: each image's targets repeated dn_groups times, padded
-        to the batch's largest count. -> noised labels [B,D], noised boxes [B,D,4], true labels [B,D],
-        true boxes [B,D,4], valid [B,D] bool, with D = dn_groups * max targets (slot g*n_max + j:
+        """The denoising queries' inputs for a batch: each image's targets repeated G = groups_for(n_max)
+        times, padded to the batch's largest count n_max. -> noised labels [B,D], noised boxes [B,D,4],
+        true labels [B,D], true boxes [B,D,4], valid [B,D] bool, with D = G * n_max (slot g*n_max + j:
         group g, target j)."""
         device = targets[0]["boxes"].device if len(targets) else torch.device("cpu")
         n_max = max((len(t["labels"]) for t in targets), default=0)
-        b, g = len(targets), self.dn_groups
+        b, g = len(targets), self.groups_for(n_max)
         labels = torch.full((b, g, n_max), self.num_classes, dtype=torch.int64, device=device)
         boxes = torch.full((b, g, n_max, 4), 0.5, device=device)
         valid = torch.zeros((b, g, n_max), dtype=torch.bool, device=device)
@@ -158,9 +169,9 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
         dn = {"labels": labels, "boxes": boxes, "valid": valid}
     attn_mask = None
     if groups > 1 or dn is not None:
-        dn_groups = extra.dn_groups if dn else 0
-        attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups,
-                                        dn["valid"].shape[1] // dn_groups if dn else 0, enc.memory.device)
+        n_max = max(len(t["labels"]) for t in targets) if dn else 0
+        dn_groups = extra.groups_for(n_max) if dn else 0
+        attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups, n_max, enc.memory.device)
     # the decoder itself (not DETR.decode): denoising queries need their own start `tgt`
     hs, _ = model.transformer.decoder(tgt, enc.memory, enc.pos, None if at_input else query_pos, enc.key_mask,
                                       self_attn_mask=attn_mask)

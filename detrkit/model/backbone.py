@@ -49,6 +49,8 @@ class ResNetBody(nn.Module):
         return self.stages(x)[-1]
 
     def stages(self, x: Tensor) -> list[Tensor]:
+        if x.device.type == "cpu":  # oneDNN's own layout: ~1.5x faster convolutions than NCHW in float32
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):

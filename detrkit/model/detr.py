@@ -137,13 +137,25 @@ class DETR(nn.Module):
                  per_image: bool = False) -> BackboneFeatures:
         """The backbone: images as in `forward` -> BackboneFeatures ([B,C,h,w], mask [B,h,w]).
 
-        per_image (list input only): each image through the backbone alone, then the feature maps
-        padded, so an image's features do not depend on the others in the batch."""
+        per_image (list input only): no image is padded before the backbone, the feature maps are
+        padded after it, so an image's features do not depend on the others in the batch. Images of
+        the same size go through together (no padding needed): one call per size, not per image."""
         if per_image and isinstance(images, (list, tuple)):
             if mask is not None:
                 raise ValueError("pass a mask only with a padded batch tensor, not with a list of images")
-            return BackboneFeatures(*pad_images([self.backbone.body(im[None])[0] for im in images]))
+            return BackboneFeatures(*pad_images(self._unpadded_features(images)))
         return BackboneFeatures(*self.backbone(*as_batch(images, mask)))
+
+    def _unpadded_features(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """[3,H_i,W_i] images -> their backbone maps [C,h_i,w_i], in order; same-size images batched."""
+        by_size: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(tuple(im.shape), []).append(i)
+        out: list[Tensor | None] = [None] * len(images)
+        for idx in by_size.values():
+            for i, f in zip(idx, self.backbone.body(torch.stack([images[i] for i in idx]))):
+                out[i] = f.contiguous()
+        return out
 
     def from_features(self, feats: BackboneFeatures, return_attention: bool = False) -> dict:
         """Everything after the backbone: encode, decode, heads -> the output dict of `forward`."""

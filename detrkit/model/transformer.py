@@ -6,8 +6,6 @@ the authors' weights load without reshaping. Attention runs through
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -57,7 +55,7 @@ class MultiheadAttention(nn.Module):
         explicit = need_weights or (q.device.type == "cpu" and torch.is_grad_enabled()
                                     and k.shape[-2] <= EXPLICIT_MAX_KEYS)
         if explicit:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scale the smaller operand
             if keep is not None:
                 scores = scores.masked_fill(~keep, float("-inf"))
             weights = scores.softmax(dim=-1)
