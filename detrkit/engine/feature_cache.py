@@ -48,19 +48,13 @@ class FeatureCache(Dataset):
         if views < 1:
             raise ValueError(f"FeatureCache: views must be >= 1, got {views}")
         self.epoch = 0
-        self.items: list[list] = []
         backbone.eval()
         extract = _extractor(backbone, device, amp)
         bar = tqdm(total=views * len(samples), desc="cache features", disable=not progress, dynamic_ncols=True,
                    unit="img")
-        for view in range(views):
-            samples.epoch = view
-            self.items.append(_view(samples, extract, device, amp, batch_size, num_workers, bar,
-                                    limit if view == 0 else None))
-            if view + 1 < views and limit is not None and not limit.another_view(view + 1, views):
-                break
+        self.items = cached_views(samples, views, lambda chunk: _features(chunk, extract, device, amp), batch_size,
+                                  bar, limit, num_workers)
         bar.close()
-        samples.epoch = 0
         self.views = len(self.items)  # epoch e serves view e mod views: only the views that were cached
         feats = [it[0] for it in self.items[0] if not isinstance(it, BadSample)]
         log.info("cached backbone features of %d view(s) x %d images (%.0f MiB)", self.views, len(samples),
@@ -73,14 +67,35 @@ class FeatureCache(Dataset):
         return self.items[self.epoch % self.views][i]
 
 
-def _view(samples, extract, device: torch.device, amp: bool, batch_size: int, num_workers: int, bar,
+def cached_views(samples, views: int, run: Callable[[list], list], batch_size: int, bar,
+                 limit: CacheLimit | None, num_workers: int = 0) -> list[list]:
+    """Up to `views` views of every sample (view v: the samples of epoch v), each readable sample
+    replaced by what run(chunk) gives for it (run: a list of samples -> one result each, called on chunks
+    of `batch_size` samples of similar image size, so little padding); BadSamples stay as they are.
+    `limit` watches the first view's pace and ends the caching early when another view would not fit."""
+    out: list[list] = []
+    for view in range(views):
+        samples.epoch = view
+        out.append(_view(samples, run, batch_size, num_workers, bar, limit if view == 0 else None))
+        if view + 1 < views and limit is not None and not limit.another_view(view + 1, views):
+            break
+    samples.epoch = 0
+    return out
+
+
+def _view(samples, run: Callable[[list], list], batch_size: int, num_workers: int, bar,
           limit: CacheLimit | None) -> list:
-    """The features of every sample of the current epoch (one view); `limit` watches the first view's pace."""
     # loader batches of several chunks, so each chunk gathers images of similar size
     loader = DataLoader(samples, batch_size=SORT_WINDOW * batch_size, collate_fn=list, num_workers=num_workers)
     items: list = []
     for batch in loader:
-        items.extend(_features(batch, extract, device, amp, batch_size))
+        good = sorted((k for k, item in enumerate(batch) if not isinstance(item, BadSample)),
+                      key=lambda k: tuple(batch[k][0].shape[-2:]))
+        for start in range(0, len(good), batch_size):
+            ks = good[start:start + batch_size]
+            for k, result in zip(ks, run([batch[k] for k in ks])):
+                batch[k] = result
+        items.extend(batch)
         bar.update(len(batch))
         if limit is not None:
             limit.first_view_pace(len(items), len(samples))
@@ -155,25 +170,18 @@ def _extractor(backbone: nn.Module, device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def _features(batch: list, extract, device: torch.device, amp: bool, chunk: int) -> list:
-    """Features of a loader batch, run in chunks of `chunk` images of similar size (less padding)."""
-    good = [k for k, item in enumerate(batch) if not isinstance(item, BadSample)]
-    good.sort(key=lambda k: tuple(batch[k][0].shape[-2:]))
-    out: list = list(batch)
-    for start in range(0, len(good), chunk):
-        _run_chunk(batch, good[start:start + chunk], out, extract, device, amp)
-    return out
-
-
-def _run_chunk(batch: list, ks: list[int], out: list, extract, device: torch.device, amp: bool) -> None:
-    images, mask = pad_images([batch[k][0].to(device) for k in ks])
+def _features(chunk: list, extract, device: torch.device, amp: bool) -> list:
+    """(image, target) samples -> (features [C,h,w] at the image's own feature size, target)."""
+    images, mask = pad_images([image.to(device) for image, _ in chunk])
     features, fmask = extract(images, mask)
-    for j, k in enumerate(ks):
+    out = []
+    for j, (_, target) in enumerate(chunk):
         valid = ~fmask[j]
         h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
         # targets are cloned out of the loader's shared memory: kept tensors would each hold a file descriptor
-        target = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in batch[k][1].items()}
-        out[k] = (features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target)
+        target = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in target.items()}
+        out.append((features[j, :, :h, :w].to(torch.bfloat16 if amp else torch.float32).cpu().contiguous(), target))
+    return out
 
 
 MAX_VIEWS = 64  # cache_images' ceiling on the views of a tiny set

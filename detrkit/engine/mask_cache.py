@@ -16,12 +16,12 @@ import math
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data.dataset import BadSample
 from ..model.detr import pad_images
-from .feature_cache import SORT_WINDOW, CacheLimit
+from .feature_cache import CacheLimit, cached_views
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,15 @@ class MaskHeadCache(Dataset):
         if views < 1:
             raise ValueError(f"MaskHeadCache: views must be >= 1, got {views}")
         self.epoch = 0
-        self.items: list[list] = []
 
-        def run(images: list) -> list[dict]:
-            return _detect_chunk(detect, images, stride, dtype)
+        def run(chunk: list) -> list:
+            entries = _detect_chunk(detect, [image for image, _ in chunk], stride, dtype)
+            return [(entry, {key: target[key] for key in TARGET_KEYS}) for entry, (_, target) in zip(entries, chunk)]
 
         bar = tqdm(total=views * len(samples), desc="cache detector", disable=not progress, dynamic_ncols=True,
                    unit="img")
-        for view in range(views):
-            samples.epoch = view
-            self.items.append(_view(samples, run, batch_size, bar, limit if view == 0 else None))
-            if view + 1 < views and limit is not None and not limit.another_view(view + 1, views):
-                break
+        self.items = cached_views(samples, views, run, batch_size, bar, limit)
         bar.close()
-        samples.epoch = 0
         self.views = len(self.items)  # epoch e serves view e mod views: only the views that were cached
         log.info("cached the frozen detector's outputs for %d view(s) x %d images (%.0f MiB)", self.views,
                  len(samples), self.views * _mebibytes(self.items[0]))
@@ -66,25 +61,6 @@ class MaskHeadCache(Dataset):
 
     def __getitem__(self, i: int):
         return self.items[self.epoch % self.views][i]
-
-
-def _view(samples, run, batch_size: int, bar, limit: CacheLimit | None) -> list:
-    """Every sample of the current epoch (one view) as (entry, target); `limit` watches the first view's pace."""
-    # loader batches of several chunks, so each chunk gathers images of similar size (little padding)
-    loader = DataLoader(samples, batch_size=SORT_WINDOW * batch_size, collate_fn=list)
-    items: list = []
-    for batch in loader:
-        good = [k for k, item in enumerate(batch) if not isinstance(item, BadSample)]
-        good.sort(key=lambda k: tuple(batch[k][0].shape[-2:]))
-        for start in range(0, len(good), batch_size):
-            ks = good[start:start + batch_size]
-            for k, entry in zip(ks, run([batch[k][0] for k in ks])):
-                batch[k] = (entry, {key: batch[k][1][key] for key in TARGET_KEYS})
-        items.extend(batch)
-        bar.update(len(batch))
-        if limit is not None:
-            limit.first_view_pace(len(items), len(samples))
-    return items
 
 
 @torch.no_grad()
