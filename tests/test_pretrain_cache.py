@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch.utils.data import Dataset
 from detrkit.config import TrainConfig
 from detrkit.data.coco import load_coco
 from detrkit.data.dataset import DetectionDataset
+from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.pretrain import box_crops, pretrain_backbone
 from detrkit.engine.train import train
 from detrkit.model import build_model
@@ -71,6 +74,33 @@ def test_cached_features_train_exactly_like_the_frozen_backbone(tmp_path):
         torch.testing.assert_close(weights[2][k], weights[0][k], rtol=1e-4, atol=5e-5, msg=k)
     with pytest.raises(ValueError, match="frozen backbone"):
         train(tiny_model(), tiny_train(cache_views=1), data, None, tmp_path / "bad", progress=False, check_data=False)
+
+
+def test_a_resumed_run_serves_the_views_it_cached_before(tmp_path, caplog):
+    """The views a run cached (a time budget may cut them short of the plan) are recorded in its
+    checkpoint; the resumed run caches exactly as many, so epoch e still meets view e mod views and the
+    run ends where an uninterrupted one does. Here the resumed run's settings ask for 3 views, as a
+    longer budget would, and get the 1 view the first part had."""
+    data = tiny_data(tmp_path / "data", 6)  # 3 steps per epoch
+    cfg = dict(lr_backbone=0.0, epochs=2, hflip=True, train_scales=[48, 56, 64])
+    full = train(tiny_model(), tiny_train(cache_views=1, **cfg), data, None, tmp_path / "full", progress=False,
+                 check_data=False)
+    assert full.status == "completed" and full.step == 6
+
+    def stop_at_4(step, model):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = train(tiny_model(), tiny_train(cache_views=1, **cfg), data, None, tmp_path / "part", progress=False,
+                 check_data=False, step_callback=stop_at_4)
+    assert part.status == "interrupted" and load_checkpoint(tmp_path / "part" / "last.pt")["cached_views"] == 1
+    with caplog.at_level(logging.INFO):
+        resumed = train(tiny_model(), tiny_train(cache_views=3, **cfg), data, None, tmp_path / "part",
+                        progress=False, check_data=False, resume=True)
+    assert resumed.step == 6 and "cached backbone features of 1 view(s)" in caplog.text
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_train_pretrains_then_caches(tmp_path):

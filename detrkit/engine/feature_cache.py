@@ -197,15 +197,18 @@ def planned_views(cfg, num_images: int) -> int:
 
 
 def cache_part(samples, backbone: nn.Module, cfg, device: torch.device, progress: bool,
-               budget: TimeBudget | None = None) -> FeatureCache:
+               budget: TimeBudget | None = None, views: int | None = None) -> FeatureCache:
     """The run's caching stage (cfg.cache_views > 0, frozen backbone): the training samples become
     their cached backbone features. budget: the run's --max-minutes, of which caching takes at most its
-    share (run_plan.CACHE_SHARE; fewer views when more would not fit)."""
+    share (run_plan.CACHE_SHARE; fewer views when more would not fit). views: exactly this many, whatever
+    the time (a resumed run repeats its first part's count); None: the planned count, within the share."""
     # on a CPU the backbone keeps every core busy: a loader worker would only compete with it
     workers = cfg.num_workers if device.type != "cpu" else 0
     amp = resolve_amp(cfg.amp, device) == "bf16"
-    return FeatureCache(samples, backbone, planned_views(cfg, len(samples)), device, amp=amp, num_workers=workers,
-                        progress=progress, limit=_limit(cfg, budget, device))
+    if views is not None:
+        log.info("caching the %d view(s) the run had before it was resumed", views)
+    return FeatureCache(samples, backbone, views or planned_views(cfg, len(samples)), device, amp=amp,
+                        num_workers=workers, progress=progress, limit=_limit(cfg, budget, device) if views is None else None)
 
 
 def _limit(cfg, budget: TimeBudget | None, device: torch.device) -> CacheLimit | None:

@@ -42,6 +42,7 @@ class Checkpointer:
         self.run_dir, self.model, self.optimizer, self.ema = run_dir, model, optimizer, ema
         self.extra = extra  # training-only queries of the convergence switches (not in "model")
         self.backbone_start = None  # a BackboneStart: what the backbone started from
+        self.cached_views = None  # views of the feature cache (a time-cut count must be the same on resume)
         self.model_cfg, self.train_cfg, self.device = model_cfg, train_cfg, device
         self.world, self.rank = dist_utils.world_size(), dist_utils.rank()
         self.elapsed = lambda: 0.0  # seconds of this part of the run (train() sets its time budget's)
@@ -58,6 +59,7 @@ class Checkpointer:
             "train_cfg": self.train_cfg.to_dict(), "seconds": s.seconds + self.elapsed(),
             "extra": self.extra.state_dict() if self.extra is not None else None,
             "backbone_start": self.backbone_start.to_dict() if self.backbone_start is not None else None,
+            "cached_views": self.cached_views,
         }
 
     def save(self, s: RunState) -> None:
@@ -82,6 +84,7 @@ class Checkpointer:
             from .backbone_start import BackboneStart
 
             self.backbone_start = BackboneStart(**state["backbone_start"])
+        self.cached_views = state.get("cached_views")
         s.step, s.epoch, s.batches_done = state["step"], state["epoch"], state["batches_done"]
         s.order = state.get("order")
         s.best_ap, s.metrics = state.get("best_ap"), state.get("metrics") or {}

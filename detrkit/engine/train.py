@@ -214,7 +214,11 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         start = backbone_start_part(model, train_set, train_cfg, dev, progress, run_log.write, trainer.ema)
     checkpointer.backbone_start = start
     if train_cfg.cache_views > 0:
-        train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress, budget)
+        # a resumed run serves the views the interrupted one had (epoch e -> view e mod views), even when
+        # the time cut that count short of the plan
+        views = checkpointer.cached_views if resumed else None
+        train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress, budget, views=views)
+        checkpointer.cached_views = train_set.views
     trainer.cached_features = train_cfg.cache_views > 0
     if distributed:
         trainer.runner = dist_utils.wrap_ddp(trainer.module, dev)
