@@ -216,6 +216,8 @@ def table(rows: list[dict]) -> str:
         sets = ", ".join(f"{k}={v}" for k, v in r.get("sets", {}).items()) or "-"
         if r.get("shared_backbone_minutes") is not None:
             sets += f"; backbone pretrained once ({r['shared_backbone_minutes']:.1f} min, not in the budget)"
+        if r.get("note"):  # what the code or the preset was at the time, when it matters for the reading
+            sets += f"; {r['note']}"
         lines.append(
             f"| {r['dataset']} | {r['preset']} | {r['variant']} | {r['budget_min']:g} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
             f"{_fmt(r['APs'])} | {r['steps']} | {r['minutes']:.1f} | {_fmt(r['min_to_0.3'], 1)} | "
