@@ -80,12 +80,33 @@ def test_plateau_rule():
     assert not plateaued([(1, 0.1), (2, 0.2), (3, 0.3)])  # too few evaluations
     assert not plateaued([(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.31)])
     assert plateaued([(1, 0.1), (2, 0.3), (3, 0.3), (4, 0.302), (5, 0.29)])
+    # a flat AP near zero is DETR before its queries specialise, not a plateau
+    assert not plateaued([(1, 0.001), (2, 0.004), (3, 0.003), (4, 0.004), (5, 0.003)])
+    assert plateaued([(1, 0.001), (2, 0.004), (3, 0.003), (4, 0.004), (5, 0.003)], floor=0.0)
 
 
-def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path):
+def test_a_run_that_has_not_started_to_detect_uses_all_its_time(tmp_path):
+    """The epoch count would end it after 4 steps and its AP stays at zero (lr 1e-6): no plateau stop,
+    the run trains until --max-minutes (1.2 s of a clock that moves 0.05 s a step)."""
+    data = tiny_data(tmp_path / "data", 4)
+    cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=0.02, fit_schedule_to_time=True,
+                     eval_every_epochs=1)
+    clock = StepClock(0.05)
+    result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False,
+                   clock=clock, step_callback=clock.tick)
+    # the schedule fitted to the time ends it ("completed": its fitted steps are done), not the plateau
+    assert result.status in ("completed", "max_minutes") and result.step >= 20 and result.epoch > 2
+    assert not result.stop_reason
+    assert result.best_ap is not None and result.best_ap < 0.01
+
+
+def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypatch):
     """2 epochs of 2 steps would end in 4 steps; under a time budget the run goes on past the epoch
     count, evaluating each epoch, and stops when the AP plateaus -- saying so, and the diagnosis
     names what went wrong in a run this short."""
+    import detrkit.engine.train as train_module
+
+    monkeypatch.setattr(train_module, "PLATEAU_FLOOR", 0.0)  # this run's AP stays near zero
     data = tiny_data(tmp_path / "data", 4)
     cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=10, fit_schedule_to_time=True,
                      eval_every_epochs=1)

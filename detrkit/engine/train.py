@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 MAX_EPOCHS_UNDER_TIME = 100_000  # under --max-minutes with validation: the time and the plateau end the run
 PLATEAU_EVALS = 3  # the epoch ceiling ends a timed run when the best AP has not improved in this many evaluations
 PLATEAU_DELTA = 0.005  # ... by more than this (absolute AP)
+PLATEAU_FLOOR = 0.01  # below this best AP the run has not started to detect yet: a flat AP there is no plateau
 DIAGNOSE_IMAGES = 20  # validation images whose predicted boxes the end-of-run diagnosis looks at
 
 
@@ -281,10 +282,13 @@ def _train_loop(run: _Run, state: RunState) -> str:
     return status or "completed"
 
 
-def plateaued(history: list[tuple[int, float]], evals: int = PLATEAU_EVALS, delta: float = PLATEAU_DELTA) -> bool:
+def plateaued(history: list[tuple[int, float]], evals: int = PLATEAU_EVALS, delta: float = PLATEAU_DELTA,
+              floor: float = PLATEAU_FLOOR) -> bool:
     """True when the last `evals` evaluations' AP (history: (step, AP) in order) did not beat the best
-    before them by more than `delta`."""
-    if len(history) <= evals:
+    before them by more than `delta`. Never while the best AP is below `floor`: DETR's AP stays near
+    zero for its first hundreds of steps (the queries have not specialised yet), and stopping there
+    would leave the budget unused exactly where the run needs it."""
+    if len(history) <= evals or max(ap for _, ap in history) < floor:
         return False
     before = max(ap for _, ap in history[:-evals])
     return max(ap for _, ap in history[-evals:]) <= before + delta
@@ -298,7 +302,7 @@ def _epochs_left(run: _Run, state: RunState) -> bool:
         return True
     if run.fitter is None or run.fitter.ceiling <= run.plan.epoch_steps or run.validator.val_set is None:
         return False
-    if plateaued(run.ap_history):
+    if plateaued(run.ap_history, floor=PLATEAU_FLOOR):
         best_step, best = max(run.ap_history, key=lambda h: h[1])
         left = (run.budget.max_seconds - run.budget.elapsed()) / 60
         run.stop_reason = (f"stopped at the {run.cfg.epochs}-epoch ceiling (epoch {state.epoch}) with {left:.1f} "
@@ -364,8 +368,8 @@ def _optimizer_step(run: _Run, state: RunState, stop: StopFlag) -> str | None:
 
 
 def _end_of_epoch(run: _Run, state: RunState, stop: StopFlag) -> None:
-    if run.validator.due(state.epoch) or (state.epoch >= run.cfg.epochs and run.validator.val_set is not None):
-        # past the epoch count: every epoch, to see a plateau
+    if run.validator.due(state.epoch) or (state.epoch == run.cfg.epochs and run.validator.val_set is not None):
+        # at the epoch count: one evaluation to judge the plateau by; past it, the usual cadence
         run.validator.run(run.eval_model, state, should_stop=lambda: stop.signum is not None)
         run.ap_history.append((state.step, state.metrics.get("AP", 0.0)))
         if run.fitter is not None:
