@@ -85,15 +85,21 @@ def test_plateau_rule():
     assert plateaued([(1, 0.001), (2, 0.004), (3, 0.003), (4, 0.004), (5, 0.003)], floor=0.0)
 
 
+def _untrainable_run(tmp_path, max_minutes: float):
+    """2 epochs of 2 steps at lr 1e-6 (the AP stays near zero), evaluated each epoch, under a clock that
+    moves 0.05 s a step."""
+    data = tiny_data(tmp_path / "data", 4)
+    cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=max_minutes, fit_schedule_to_time=True,
+                     eval_every_epochs=1)
+    clock = StepClock(0.05)
+    return train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False,
+                 clock=clock, step_callback=clock.tick)
+
+
 def test_a_run_that_has_not_started_to_detect_uses_all_its_time(tmp_path):
     """The epoch count would end it after 4 steps and its AP stays at zero (lr 1e-6): no plateau stop,
     the run trains until --max-minutes (1.2 s of a clock that moves 0.05 s a step)."""
-    data = tiny_data(tmp_path / "data", 4)
-    cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=0.02, fit_schedule_to_time=True,
-                     eval_every_epochs=1)
-    clock = StepClock(0.05)
-    result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False,
-                   clock=clock, step_callback=clock.tick)
+    result = _untrainable_run(tmp_path, max_minutes=0.02)
     # the schedule fitted to the time ends it ("completed": its fitted steps are done), not the plateau
     assert result.status in ("completed", "max_minutes") and result.step >= 20 and result.epoch > 2
     assert not result.stop_reason
@@ -107,12 +113,7 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     import detrkit.engine.train as train_module
 
     monkeypatch.setattr(train_module, "PLATEAU_FLOOR", 0.0)  # this run's AP stays near zero
-    data = tiny_data(tmp_path / "data", 4)
-    cfg = tiny_train(lr=1e-6, lr_backbone=0.0, epochs=2, max_minutes=10, fit_schedule_to_time=True,
-                     eval_every_epochs=1)
-    clock = StepClock(0.05)
-    result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False,
-                   clock=clock, step_callback=clock.tick)
+    result = _untrainable_run(tmp_path, max_minutes=10)
     assert result.epoch > 2 and result.step > 4  # the epoch count did not end it
     assert result.step < 100  # the plateau did, long before the 10 minutes
     assert "validation AP has plateaued" in result.stop_reason and "2-epoch ceiling" in result.stop_reason
