@@ -175,10 +175,10 @@ def machine_description(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    from .model.fuse import amx_bf16_available
+    from .model.fuse import native_bf16_cpu
 
     parts = [f"CPU {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
-             f"AMX bf16 {'yes' if amx_bf16_available() else 'no'}", f"torch {torch.__version__}"]
+             f"hardware bf16 {native_bf16_cpu() or 'no'}", f"torch {torch.__version__}"]
     if device.type == "cuda":
         parts.insert(0, f"GPU {torch.cuda.get_device_name(device)}")
     try:

@@ -161,13 +161,24 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch, nati
     from detrkit.device import resolve_amp
     from detrkit.model import fuse
 
-    monkeypatch.setattr(fuse, "amx_bf16_available", lambda: native)
+    monkeypatch.setattr(fuse, "native_bf16_cpu", lambda: "avx512_bf16" if native else None)
     want = "bf16" if native else "none"
     assert resolve_amp("auto", "cpu") == want
     assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("none", "cpu") == "none"  # explicit wins
     assert get_preset("detr-tiny").train.amp == "auto"
     step = _stepper(tiny_train(amp="auto"))
     assert step.amp_dtype == (torch.bfloat16 if native else None)
+
+
+def test_hardware_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from detrkit.model.fuse import native_bf16_cpu
+
+    cases = {"fpu avx2 avx512f avx512bw": None, "fpu avx2 avx512f avx512_bf16 avx512bw": "avx512_bf16",
+             "fpu avx512f amx_tile amx_bf16 avx512_bf16": "amx_bf16"}
+    for flags, want in cases.items():
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\n")
+        assert native_bf16_cpu(str(tmp_path / "cpuinfo")) == want, flags
+    assert native_bf16_cpu(str(tmp_path / "missing")) is None
 
 
 def test_training_records_the_precision_auto_chose(tmp_path, monkeypatch):
@@ -178,7 +189,7 @@ def test_training_records_the_precision_auto_chose(tmp_path, monkeypatch):
 
     from _train_helpers import tiny_data
 
-    monkeypatch.setattr(fuse, "amx_bf16_available", lambda: False)
+    monkeypatch.setattr(fuse, "native_bf16_cpu", lambda: None)
     train_json = tiny_data(tmp_path / "data", n=4)
     train(tiny_model(), tiny_train(amp="auto", max_steps=1), train_json, None, tmp_path / "run", device="cpu",
           progress=False)

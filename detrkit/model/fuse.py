@@ -183,25 +183,32 @@ class PackedResNetBody(nn.Module):
         return self.blocks(self.maxpool(self.stem(x)))
 
 
-def amx_bf16_available() -> bool:
-    """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX)."""
+# CPU flags of a hardware bfloat16 matrix multiply: Intel AMX tiles, or the AVX-512 dot product
+# (Cooper Lake, Sapphire Rapids, AMD Zen 4+); measured on a 2-core Zen 4, a bf16 matmul ran 2.5-3x
+# faster than float32. Without them oneDNN emulates bf16, ~15x slower than float32 on an AVX2 EPYC.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The flag by which this CPU multiplies bfloat16 matrices in hardware, None when it does not."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                    flags = set(line.split())
+                    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
     except OSError:
         pass
-    return False
+    return None
 
 
 def default_inference_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bfloat16 where it is fast (CUDA with bf16 support, CPUs with AMX), float32 elsewhere."""
+    """bfloat16 where it is fast (CUDA with bf16 support, CPUs with AMX or AVX-512 bf16), float32 elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if amx_bf16_available() else torch.float32
+        return torch.bfloat16 if native_bf16_cpu() else torch.float32
     return torch.float32
 
 
