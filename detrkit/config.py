@@ -242,7 +242,11 @@ PRESETS: dict[str, Preset] = {
     # Small presets that train on a 2-core CPU in minutes. Same architecture, narrower and shallower.
     "detr-tiny": Preset(
         ModelConfig(
-            backbone="resnet18", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=2,
+            # 3 decoder layers: with the queries added at every layer and tgt starting at zero, the first
+            # layer's self-attention sees positions only, so a 2-layer decoder has one layer to suppress
+            # duplicates. Main job, 15 idle minutes on a 2-core Zen 4: AP 0.293 (AP50 0.594, 4126 steps)
+            # against 0.242 (AP50 0.506, 3313 steps) with 2; AP 0.280 against 0.242 at step ~3000-3300
+            backbone="resnet18", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
             dim_feedforward=512, dropout=0.0, num_queries=20, image_size=144, max_image_size=224,
             queries_at="attention",  # the released DETR's decoder (exports to Hugging Face)
         ),
@@ -262,7 +266,7 @@ PRESETS: dict[str, Preset] = {
             # (1458 steps) against 0.303 without (2317 steps)
             dn_groups=4, query_groups=1,
         ),
-        "ResNet-18 (pretrained on box and background crops, frozen), width 128, 2+2 layers, 20 queries, "
+        "ResNet-18 (pretrained on box and background crops, frozen), width 128, 2+3 layers, 20 queries, "
         "128-160 px, denoising queries in training: the CPU default of the main job",
     ),
     # detr-tiny for small objects: stride-16 features (DC5) at 224-288 px, so a 10 px object covers most
