@@ -145,7 +145,7 @@ class TrainConfig(_DictIO):
     accumulate: int = 1
     """micro-batches of batch_size per optimizer step"""
     # "none", "bf16" (autocast) or "auto": bf16 where the hardware multiplies it natively (CUDA with bf16,
-    # CPUs with AMX), else float32 -- on an AVX2-only CPU bf16 is emulated and ~15x slower than float32
+    # CPUs with AMX or AVX-512 bf16), else float32 -- on an AVX2-only CPU bf16 is emulated and ~15x slower than float32
     amp: str = "none"
     ema_decay: float | None = None
     # losses (paper defaults): the Hungarian matcher's costs, the loss weights, "no object"'s class weight
