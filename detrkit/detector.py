@@ -56,7 +56,8 @@ class Detector:
     def __init__(self, model: DETR, config: ModelConfig | None = None, device: str | torch.device = "cpu",
                  precision: str = "float32"):
         """precision: "float32" (the reference numbers), "bf16" (autocast; same top detections,
-        several times faster on CPUs with AMX, 2-3x with AVX-512 bf16, and on GPUs) or "auto" (bf16 where it is fast)."""
+        several times faster on CPUs with AMX, 2-3x with AVX-512 bf16, and on GPUs) or "auto" (bf16
+        where it is fast)."""
         if precision not in ("float32", "bf16", "auto"):
             raise ValueError(f"precision must be 'float32', 'bf16' or 'auto', got {precision!r}")
         self.model = model.eval().to(device)

@@ -77,7 +77,8 @@ def register(subparsers) -> None:
                         "segments_info (COCO panoptic) per image")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (results do not depend on it)")
     add_device_argument(p)
-    add_precision_argument(p, "auto", "inference (auto: bf16 where it is fast, CPUs with AMX or AVX-512 bf16, recent GPUs)")
+    add_precision_argument(p, "auto",
+                           "inference (auto: bf16 where it is fast, CPUs with AMX or AVX-512 bf16, recent GPUs)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
