@@ -160,6 +160,9 @@ class TrainConfig(_DictIO):
     dn_loss_coef: float = 1.0  # weight of the denoising losses (ce, L1, GIoU with the usual weights) in the total
     query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
     iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")
+    # grow the input sizes and the query count to the training set when its objects are smaller than a
+    # feature cell or more than the queries allow (engine/input_fit.py; only ever grows, never shrinks)
+    fit_to_data: bool = False
     # data
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
@@ -259,7 +262,7 @@ PRESETS: dict[str, Preset] = {
             lr=1e-3, lr_backbone=0.0, weight_decay=1e-4, batch_size=32, epochs=60, schedule="cosine",
             warmup_steps=100, clip_max_norm=0.1, amp="auto", num_workers=1, eval_every_epochs=8,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
-            pretrain_steps=300, cache_views=3, cache_images=12000, fit_schedule_to_time=True,
+            pretrain_steps=300, cache_views=3, cache_images=12000, fit_schedule_to_time=True, fit_to_data=True,
             # training-only convergence switch (engine/convergence.py): the decoder also learns from noised
             # ground truth; inference and the weights stay plain DETR. Group queries (query_groups=3) doubled
             # the step time for no gain per minute: main job, 15 idle float32 minutes, AP50 0.267 with them

@@ -64,22 +64,12 @@ def preflight_warnings(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: T
         worst = max(crowded, key=crowded.get)
         out.append(f"{len(crowded)} of {len(index.images)} images have more objects than the model's {q} queries "
                    f"(up to {crowded[worst]} in {files.get(worst, worst)}); DETR finds at most {q} objects per "
-                   f"image. Raise the query count: --set model.num_queries={_round_up(max(crowded.values()))}")
+                   f"image. Raise the query count: --set model.num_queries={queries_for(max(crowded.values()))}")
 
     # ---- objects smaller than a feature cell at the input size
     stride = feature_stride(model_cfg)
-    sizes = _image_sizes(index)
-    small, measured = 0, 0
-    for a in objects:
-        size = sizes.get(a.image_id)
-        if size is None:
-            continue
-        w, h = size
-        rh, rw = resized_shape(h, w, model_cfg.image_size, model_cfg.max_image_size)
-        scale = rw / w
-        side = math.sqrt(max(float(a.bbox[2]), 0.0) * max(float(a.bbox[3]), 0.0)) * scale
-        measured += 1
-        small += side < stride
+    sides = object_sides(index, model_cfg)
+    measured, small = len(sides), sum(side < stride for side in sides)
     if measured and small / measured >= SMALL_SHARE:
         out.append(f"{small} of {measured} boxes ({100 * small / measured:.0f}%) are smaller than one feature cell "
                    f"({stride}x{stride} px) once the image is resized to the model's input size (shorter side "
@@ -102,9 +92,24 @@ def preflight_warnings(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: T
     return out
 
 
-def _round_up(n: int) -> int:
+def queries_for(n: int) -> int:
     """A comfortable query count above n objects: the next multiple of 10 with 20% room."""
     return int(math.ceil(n * 1.2 / 10) * 10)
+
+
+def object_sides(index: DatasetIndex, model_cfg: ModelConfig) -> list[float]:
+    """sqrt(w * h) in pixels of each non-crowd box once its image is resized to the model's input size
+    (boxes of images whose size cannot be read are left out)."""
+    sizes = _image_sizes(index)
+    sides = []
+    for a in index.annotations:
+        size = sizes.get(a.image_id)
+        if a.iscrowd or size is None:
+            continue
+        w, h = size
+        rh, rw = resized_shape(h, w, model_cfg.image_size, model_cfg.max_image_size)
+        sides.append(math.sqrt(max(float(a.bbox[2]), 0.0) * max(float(a.bbox[3]), 0.0)) * rw / w)
+    return sides
 
 
 def dataset_warnings(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[str]:

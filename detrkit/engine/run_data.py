@@ -88,22 +88,25 @@ def check_or_raise(path, split, images_dir, skip_bad: bool) -> None:
 @dataclass
 class RunData:
     """train_set: SeededSamples of the augmented training set; val_set: None without validation data;
-    model_cfg: the given one with the training set's classes."""
+    model_cfg, train_cfg: the given ones with the training set's classes and, with cfg.fit_to_data, the
+    input sizes and query count fitted to it (engine/input_fit.py)."""
 
     train_index: DatasetIndex
     val_index: DatasetIndex | None
     train_set: SeededSamples
     val_set: DetectionDataset | None
     model_cfg: ModelConfig
+    train_cfg: TrainConfig
 
 
 def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig, *, images_dir=None,
                   val_images_dir=None, split=None, val_split=None, check: bool = True, val_fraction: float = 0.0,
-                  run_dir=None) -> RunData:
+                  run_dir=None, fit: bool = True) -> RunData:
     """Index (and, for annotation paths, check) both sets; build their datasets with the run's transforms.
 
     No val_data and val_fraction > 0: the dataset's own validation split when it has one (training then
-    on its train split), else a held-out seeded fraction written to run_dir (data/split.py)."""
+    on its train split), else a held-out seeded fraction written to run_dir (data/split.py). fit=False:
+    no fitting to the data (fine-tuning keeps its weights' architecture)."""
     from ..data.split import automatic_split, dataset_splits, hold_out
 
     auto_split = val_data is None and val_fraction > 0
@@ -130,6 +133,12 @@ def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig
         else:  # the same seeded split, without writing it
             train_index, val_index = hold_out(train_index, val_fraction, cfg.seed)
     model_cfg = model_cfg.with_classes(train_index.class_names, train_index.category_ids)
+    if fit:
+        from .input_fit import fit_to_data
+
+        model_cfg, cfg, fitted = fit_to_data(train_index, model_cfg, cfg)
+        if fitted:
+            log.info("%s", fitted)
     if val_index is not None and val_index.category_ids != train_index.category_ids:
         log.warning("validation categories %s differ from training categories %s; evaluating on the "
                     "training ones", val_index.category_ids, train_index.category_ids)
@@ -137,7 +146,7 @@ def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig
         DetectionDataset(train_index, make_transforms(cfg, model_cfg, True), skip_bad=cfg.skip_bad), cfg.seed)
     val_set = (DetectionDataset(val_index, make_transforms(cfg, model_cfg, False), skip_bad=True)
                if val_index is not None else None)
-    return RunData(train_index, val_index, train_set, val_set, model_cfg)
+    return RunData(train_index, val_index, train_set, val_set, model_cfg, cfg)
 
 
 def _ignore_signals(worker_id: int) -> None:

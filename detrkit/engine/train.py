@@ -178,7 +178,8 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
     main = dist_utils.rank() == 0
     data = load_run_data(train_data, val_data, model_cfg, train_cfg, images_dir=images_dir,
                          val_images_dir=val_images_dir, split=split, val_split=val_split, check=check_data and main,
-                         val_fraction=val_fraction, run_dir=run_dir)
+                         val_fraction=val_fraction, run_dir=run_dir, fit=init_weights is None)
+    train_cfg = data.train_cfg
     model, model_cfg = _initial_model(data.model_cfg, train_cfg, dev, init_weights, keep_class_names)
     trainer = TrainStep.build(model, train_cfg, dev)
     sampler = DistributedSampler(data.train_set, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),

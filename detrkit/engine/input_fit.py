@@ -1,0 +1,103 @@
+"""The input size and query count a run fits to its training set (`TrainConfig.fit_to_data`).
+
+A small preset is sized for objects that cover a few feature cells and images with a few objects. A
+user's data may have neither: BCCD's red cells are ~30 px at the CPU preset's 144 px input, under
+one 32-px feature cell, and up to 28 of them share an image the preset gives 20 queries. Two rules,
+applied to the annotations before anything is built:
+
+  * when the median object is smaller than one feature cell at the input size, every input size (the
+    inference size, the training scales, the crop sizes) grows so that it covers TARGET_CELLS cells,
+    by at most MAX_UPSCALE (the step and the feature cache cost grow with the square);
+  * when an image has more objects than `num_queries` leaves room for (20% spare), the queries become
+    the next multiple of 10 above that, up to MAX_QUERIES.
+
+Both only ever grow, so data the preset fits is trained exactly as the preset says. The result is
+deterministic in the annotations, so a resumed run fits the same values; config.json, the checkpoints
+and the run log record what was chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+
+from ..config import ModelConfig, TrainConfig
+from ..data.index import DatasetIndex
+from .preflight import feature_stride, object_sides, queries_for
+
+log = logging.getLogger(__name__)
+
+TARGET_CELLS = 1.5  # the median object's side, in feature cells, that the input is grown to
+MAX_UPSCALE = 2.0
+MAX_QUERIES = 100
+SIZE_STEP = 16  # input sizes stay multiples of this
+
+
+@dataclass(frozen=True)
+class InputFit:
+    """scale: factor on every input size (1: as the preset); num_queries: the fitted count;
+    median_side: the median object's side in px at the preset's input size; max_objects: per image."""
+
+    scale: float
+    num_queries: int
+    median_side: float
+    max_objects: int
+    stride: int
+
+    def apply(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+        if self.scale == 1.0 and self.num_queries == model_cfg.num_queries:
+            return model_cfg, train_cfg
+        size = self._size
+        model_cfg = dataclasses.replace(model_cfg, image_size=size(model_cfg.image_size),
+                                        max_image_size=size(model_cfg.max_image_size), num_queries=self.num_queries)
+        train_cfg = dataclasses.replace(
+            train_cfg, train_scales=sorted({size(s) for s in train_cfg.train_scales}),
+            train_max_size=size(train_cfg.train_max_size),
+            crop_resize=sorted({size(s) for s in train_cfg.crop_resize}),
+            crop_size=[size(s) for s in train_cfg.crop_size])
+        return model_cfg, train_cfg
+
+    def _size(self, px: int) -> int:
+        return px if self.scale == 1.0 else max(SIZE_STEP, int(round(px * self.scale / SIZE_STEP)) * SIZE_STEP)
+
+    def describe(self, before: ModelConfig, after: ModelConfig) -> str:
+        """One sentence on what changed and why ('' when nothing did)."""
+        parts = []
+        if after.image_size != before.image_size:
+            parts.append(f"input {before.image_size} -> {after.image_size} px (shorter side; the median object is "
+                         f"{self.median_side:.0f} px at {before.image_size} px, under one {self.stride}-px feature "
+                         f"cell; now ~{self.median_side * after.image_size / before.image_size:.0f} px)")
+        if after.num_queries != before.num_queries:
+            parts.append(f"queries {before.num_queries} -> {after.num_queries} (up to {self.max_objects} objects "
+                         "in an image)")
+        return "fitted to the training set: " + "; ".join(parts) if parts else ""
+
+
+def fit_input(index: DatasetIndex, model_cfg: ModelConfig) -> InputFit:
+    """The scale and query count `model_cfg` needs for `index` (see the module docstring)."""
+    stride = feature_stride(model_cfg)
+    sides = object_sides(index, model_cfg)
+    median = statistics.median(sides) if sides else float("inf")
+    scale = 1.0
+    if median < stride:
+        scale = min(MAX_UPSCALE, TARGET_CELLS * stride / max(median, 1e-6))
+    per_image = Counter(a.image_id for a in index.annotations if not a.iscrowd)
+    most = max(per_image.values(), default=0)
+    queries = model_cfg.num_queries
+    if most * 1.2 > queries:
+        queries = min(MAX_QUERIES, max(queries, queries_for(most)))
+    return InputFit(scale, queries, median if math.isfinite(median) else 0.0, most, stride)
+
+
+def fit_to_data(index: DatasetIndex, model_cfg: ModelConfig,
+                train_cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig, str]:
+    """(model_cfg, train_cfg) fitted to `index` when train_cfg.fit_to_data, and the sentence that says
+    what changed ('' when nothing did or the switch is off)."""
+    if not train_cfg.fit_to_data:
+        return model_cfg, train_cfg, ""
+    fit = fit_input(index, model_cfg)
+    new_model, new_train = fit.apply(model_cfg, train_cfg)
+    return new_model, new_train, fit.describe(model_cfg, new_model)
