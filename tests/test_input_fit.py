@@ -1,0 +1,95 @@
+"""The input size and query count fitted to the training set (engine/input_fit.py, issue 12)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from detrkit.config import get_preset
+from detrkit.data.index import Annotation, DatasetIndex, ImageRecord
+from detrkit.engine.input_fit import MAX_UPSCALE, SIZE_STEP, fit_input, fit_to_data
+
+from _train_helpers import tiny_data, tiny_model, tiny_train
+
+
+def _index(boxes_per_image, side=200, size=(640, 480)):
+    images, anns = [], []
+    for i, n in enumerate(boxes_per_image):
+        images.append(ImageRecord(i + 1, Path(f"/nowhere/{i}.jpg"), *size))
+        for _ in range(n):
+            anns.append(Annotation(len(anns) + 1, i + 1, 1, [5.0, 5.0, float(side), float(side)]))
+    return DatasetIndex(images, anns, [(1, "cell")], Path("/nowhere"))
+
+
+def _tiny():
+    p = get_preset("detr-tiny")
+    return p.model.with_classes(["cell"], [1]), p.train
+
+
+def test_data_the_preset_fits_is_left_as_it_is():
+    model, train = _tiny()
+    # 200 px in a 640x480 image: 60 px at the preset's 144 px input, ~2 cells of 32 px; 4 objects, 20 queries
+    new_model, new_train, said = fit_to_data(_index([4, 2, 1]), model, train)
+    assert (new_model, new_train, said) == (model, train, "")
+
+
+def test_small_objects_grow_every_input_size_by_one_factor():
+    model, train = _tiny()
+    # 80 px boxes -> 24 px at 144 px: under one cell; the median should cover 1.5 cells (48 px): x2
+    fit = fit_input(_index([3, 3], side=80), model)
+    assert fit.median_side == pytest.approx(80 * 144 / 480)
+    assert fit.scale == pytest.approx(1.5 * 32 / 24)
+    new_model, new_train, said = fit_to_data(_index([3, 3], side=80), model, train)
+    assert new_model.image_size == 288 and new_model.max_image_size == 448
+    assert new_train.train_scales == [256, 288, 320] and new_train.train_max_size == 448
+    assert new_train.crop_resize == [224, 256] and new_train.crop_size == [192, 256]
+    sizes = [new_model.image_size, new_model.max_image_size, *new_train.train_scales, *new_train.crop_size]
+    assert all(s % SIZE_STEP == 0 for s in sizes)
+    assert "144 -> 288 px" in said and "24 px" in said
+    assert new_model.num_queries == model.num_queries and "queries" not in said
+
+
+def test_the_upscale_is_capped():
+    model, train = _tiny()
+    fit = fit_input(_index([2], side=10), model)  # 3 px at 144 px: would need x16
+    assert fit.scale == MAX_UPSCALE
+    assert fit.apply(model, train)[0].image_size == 144 * MAX_UPSCALE
+
+
+def test_crowded_images_get_more_queries():
+    model, train = _tiny()
+    new_model, _, said = fit_to_data(_index([28, 3]), model, train)
+    assert new_model.num_queries == 40 and "queries 20 -> 40 (up to 28 objects" in said
+    assert new_model.image_size == model.image_size  # the objects are large enough
+    # room of 20%: 16 objects fit 20 queries, 17 do not
+    assert fit_input(_index([16]), model).num_queries == 20
+    assert fit_input(_index([17]), model).num_queries == 30
+    assert fit_input(_index([500]), model).num_queries == 100  # capped
+
+
+def test_off_by_default_outside_the_cpu_preset():
+    model, train = _tiny()
+    assert train.fit_to_data
+    paper = get_preset("detr-r50")
+    assert not paper.train.fit_to_data
+    small = _index([40], side=20)
+    assert fit_to_data(small, paper.model.with_classes(["cell"], [1]), paper.train)[2] == ""
+
+
+def test_a_training_run_records_the_fitted_sizes(tmp_path):
+    """train() fits before it builds anything: config.json and the model have the fitted values."""
+    from detrkit.engine.train import train
+
+    data = tiny_data(tmp_path / "data", 4)  # 64 px images with shapes of 12-30 px: under one 32-px cell at 64 px
+    res = train(tiny_model(num_queries=2), tiny_train(fit_to_data=True, max_steps=1, eval_every_epochs=0),
+                data, None, tmp_path / "run", progress=False, plots=False)
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    fit = fit_input(json_index(data), tiny_model(num_queries=2))
+    assert fit.scale > 1 and cfg["model"]["image_size"] == fit._size(64) > 64
+    assert cfg["train"]["train_scales"] == [fit._size(64)]
+    assert cfg["model"]["num_queries"] == fit.num_queries > 2 and fit.stride == 32
+
+
+def json_index(path):
+    from detrkit.data.formats import load_annotations
+
+    return load_annotations(path)
