@@ -157,6 +157,7 @@ class TrainConfig(_DictIO):
     dn_groups: int = 0  # denoising query groups (DN-DETR): noised ground truth as extra decoder queries
     dn_box_noise: float = 0.4  # box noise: centre moved by up to this x half the size, size scaled by 1 +- this
     dn_label_noise: float = 0.2  # share of denoising queries given a random class
+    dn_negatives: bool = False  # contrastive denoising (DINO): a more noised copy of each box answers "no object"
     dn_loss_coef: float = 1.0  # weight of the denoising losses (ce, L1, GIoU with the usual weights) in the total
     query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
     iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")

@@ -110,6 +110,42 @@ def test_crowded_images_get_fewer_denoising_groups():
     assert _close(out["groups"][0]["pred_boxes"], plain["pred_boxes"])
 
 
+def test_contrastive_negatives_answer_no_object_from_further_away():
+    cfg = TrainConfig(dn_groups=3, dn_negatives=True, dn_box_noise=0.4, dn_label_noise=0.0)
+    extra = TrainingQueries(cfg, 32, 8, 3)
+    assert extra.dn_width(2) == 4 and extra.groups_for(2) == 3 and extra.groups_for(4) == 2  # 16-query budget
+    targets = _targets()
+    noisy_labels, noisy_boxes, labels, boxes, valid = extra.noised(targets, torch.Generator().manual_seed(0))
+    assert labels.shape == (2, 3 * 2 * 2)  # 3 groups x (positive, negative) x 2 targets
+    slots = labels.view(2, 3, 2, 2)
+    assert (slots[0, :, 0] == torch.tensor([0, 2])).all() and (slots[:, :, 1] == 3).all()  # negatives: no object
+    assert torch.equal(noisy_labels.view(2, 3, 2, 2)[0, :, 1], slots[0, :, 0])  # they start from the true class
+    # positives are moved by at most box_noise x half the size, negatives by one to two times that
+    truth = boxes.view(2, 3, 2, 2, 4)
+    shift = ((noisy_boxes.view(2, 3, 2, 2, 4)[..., :2] - truth[..., :2]).abs() / (0.4 * truth[..., 2:] / 2))
+    inside = valid.view(2, 3, 2, 2)[..., None].expand_as(shift) & (noisy_boxes.view(2, 3, 2, 2, 4)[..., :2] > 0)
+    pos, neg = shift[:, :, 0][inside[:, :, 0]], shift[:, :, 1][inside[:, :, 1]]
+    assert pos.max() <= 1 + 1e-5 and neg.min() >= 1 - 1e-5 and neg.max() <= 2 + 1e-5
+
+    # the loss: negatives have a class term only, and the matching queries still see none of it
+    model = _model()
+    with torch.no_grad():
+        out = training_forward(model, extra, _features(), targets, generator=torch.Generator().manual_seed(0))
+        plain = training_forward(model, None, _features(), targets)["groups"][0]
+    assert _close(out["groups"][0]["pred_boxes"], plain["pred_boxes"])
+    loss = ConvergenceLoss(SetCriterion(3), 1.0)
+    before = loss._denoising(out["dn"])
+    negative = valid & (labels == 3)
+    moved = dict(out["dn"], pred_boxes=out["dn"]["pred_boxes"].clone())
+    moved["pred_boxes"][:, negative] = 0.5
+    after = loss._denoising(moved)
+    assert torch.equal(before["loss_dn_bbox"], after["loss_dn_bbox"]) and torch.equal(before["loss_dn_giou"],
+                                                                                      after["loss_dn_giou"])
+    logits = moved["pred_logits"].clone()
+    logits[..., 3] = torch.where(negative, logits[..., 3] + 5.0, logits[..., 3])
+    assert loss._denoising(dict(moved, pred_logits=logits))["loss_dn_ce"] < after["loss_dn_ce"]
+
+
 def test_group_queries_do_not_attend_across_groups():
     model = _model()
     extra = TrainingQueries(TrainConfig(query_groups=3), 32, 8, 3)
@@ -148,7 +184,7 @@ def test_iou_aware_class_target():
 def test_trained_with_every_switch_exports_to_huggingface(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = _model()
-    cfg = TrainConfig(dn_groups=2, query_groups=3, iou_aware=True)
+    cfg = TrainConfig(dn_groups=2, dn_negatives=True, query_groups=3, iou_aware=True)
     keys_before = {k: v.shape for k, v in model.state_dict().items()}
     extra = TrainingQueries.from_config(cfg, model)
     loss_fn = ConvergenceLoss(SetCriterion.from_config(cfg, 3), cfg.dn_loss_coef)

@@ -13,6 +13,10 @@ from step to step (the Hungarian matching is unstable early on). Two fixes that 
 - Group queries (Group DETR): K sets of object queries at training time, each matched one-to-one to
   the targets on its own, under a block-diagonal self-attention mask; group 0 is the model's own
   `query_embed`, the others are training-only. K times more positive queries per step.
+- Contrastive denoising negatives (DINO), on top of denoising: each ground-truth box also enters as a
+  query noised more strongly (between one and two times the box noise) that must answer "no object".
+  Beside its positive twin it teaches the decoder that of two queries on one object the worse one
+  yields, which is what suppresses duplicate boxes.
 
 `TrainingQueries` holds the training-only parameters; `training_forward(model, extra, ...)` runs the
 model's public blocks (features, encode, the decoder, heads) with the extra queries and the mask, so
@@ -66,6 +70,7 @@ class TrainingQueries(nn.Module):
         # decoder time than a 4-object one
         self.dn_budget = DN_QUERIES_PER_QUERY * num_queries
         self.box_noise, self.label_noise = cfg.dn_box_noise, cfg.dn_label_noise
+        self.per_target = 2 if getattr(cfg, "dn_negatives", False) else 1  # a positive (and a negative) query
         self.num_classes = num_classes
         d = hidden_dim
         self.extra_queries = nn.Parameter(torch.randn(self.groups - 1, num_queries, d)) if self.groups > 1 else None
@@ -85,37 +90,48 @@ class TrainingQueries(nn.Module):
 
     def groups_for(self, n_max: int) -> int:
         """Denoising groups for a batch whose largest image has n_max targets: dn_groups, fewer when
-        dn_groups * n_max would pass the budget, at least one."""
-        return max(1, min(self.dn_groups, self.dn_budget // max(1, n_max)))
+        dn_groups * dn_width(n_max) would pass the budget, at least one."""
+        return max(1, min(self.dn_groups, self.dn_budget // max(1, self.dn_width(n_max))))
+
+    def dn_width(self, n_max: int) -> int:
+        """Queries in one denoising group: n_max positives, and as many negatives when they are on."""
+        return self.per_target * n_max
 
     def noised(self, targets: Sequence[dict], generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The denoising queries' inputs for a batch: each image's targets repeated G = groups_for(n_max)
-        times, padded to the batch's largest count n_max. -> noised labels [B,D], noised boxes [B,D,4],
-        true labels [B,D], true boxes [B,D,4], valid [B,D] bool, with D = G * n_max (slot g*n_max + j:
-        group g, target j)."""
+        times (with negatives: twice per group, the second copy noised more), padded to the batch's
+        largest count n_max. -> noised labels [B,D], noised boxes [B,D,4], true labels [B,D] (C, "no
+        object", for negatives), true boxes [B,D,4], valid [B,D] bool, with D = G * dn_width(n_max)
+        (slot (g*k + s)*n_max + j: group g, copy s of k (0 positive, 1 negative), target j)."""
         device = targets[0]["boxes"].device if len(targets) else torch.device("cpu")
         n_max = max((len(t["labels"]) for t in targets), default=0)
-        b, g = len(targets), self.groups_for(n_max)
-        labels = torch.full((b, g, n_max), self.num_classes, dtype=torch.int64, device=device)
-        boxes = torch.full((b, g, n_max, 4), 0.5, device=device)
-        valid = torch.zeros((b, g, n_max), dtype=torch.bool, device=device)
+        b, g, k = len(targets), self.groups_for(n_max), self.per_target
+        labels = torch.full((b, g, k, n_max), self.num_classes, dtype=torch.int64, device=device)
+        boxes = torch.full((b, g, k, n_max, 4), 0.5, device=device)
+        valid = torch.zeros((b, g, k, n_max), dtype=torch.bool, device=device)
         for i, t in enumerate(targets):
             n = len(t["labels"])
-            labels[i, :, :n] = t["labels"]
-            boxes[i, :, :n] = t["boxes"].float()
-            valid[i, :, :n] = True
-        true_labels, true_boxes = labels.flatten(1, 2), boxes.flatten(1, 2)
+            labels[i, :, :, :n] = t["labels"]
+            boxes[i, :, :, :n] = t["boxes"].float()
+            valid[i, :, :, :n] = True
+        true_labels, true_boxes = labels.clone(), boxes.flatten(1, 3)
+        true_labels[:, :, 1:] = self.num_classes  # negatives answer "no object"
         rand = lambda *shape: torch.rand(*shape, generator=generator).to(device)  # noqa: E731
-        flip = (rand(b, g, n_max) < self.label_noise) & valid
-        random_labels = (rand(b, g, n_max) * self.num_classes).long().clamp(max=self.num_classes - 1)
+        flip = (rand(b, g, k, n_max) < self.label_noise) & valid
+        random_labels = (rand(b, g, k, n_max) * self.num_classes).long().clamp(max=self.num_classes - 1)
         noisy_labels = torch.where(flip, random_labels, labels)
+        # noise in [-1, 1] x box_noise for positives; negatives in [1, 2] x box_noise, either sign
+        shift, scale = rand(b, g, k, n_max, 2) * 2 - 1, rand(b, g, k, n_max, 2) * 2 - 1
+        if k > 1:
+            shift[:, :, 1:] = shift[:, :, 1:].sign() * (1 + shift[:, :, 1:].abs())
+            scale[:, :, 1:] = scale[:, :, 1:].sign() * (1 + scale[:, :, 1:].abs())
         wh = boxes[..., 2:]
-        centre = boxes[..., :2] + (rand(b, g, n_max, 2) * 2 - 1) * self.box_noise * wh / 2
-        size = wh * (1 + (rand(b, g, n_max, 2) * 2 - 1) * self.box_noise)
+        centre = boxes[..., :2] + shift * self.box_noise * wh / 2
+        size = wh * (1 + scale * self.box_noise)
         noisy_boxes = torch.cat([centre.clamp(0, 1), size.clamp(1e-3, 1)], dim=-1)
-        return (noisy_labels.flatten(1, 2), noisy_boxes.flatten(1, 2), true_labels, true_boxes,
-                valid.flatten(1, 2))
+        return (noisy_labels.flatten(1, 3), noisy_boxes.flatten(1, 3), true_labels.flatten(1, 3), true_boxes,
+                valid.flatten(1, 3))
 
 
 def self_attention_mask(num_queries: int, groups: int, dn_groups: int = 0, dn_width: int = 0,
@@ -171,7 +187,8 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
     if groups > 1 or dn is not None:
         n_max = max(len(t["labels"]) for t in targets) if dn else 0
         dn_groups = extra.groups_for(n_max) if dn else 0
-        attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups, n_max, enc.memory.device)
+        attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups,
+                                        extra.dn_width(n_max) if dn else 0, enc.memory.device)
     # the decoder itself (not DETR.decode): denoising queries need their own start `tgt`
     hs, _ = model.transformer.decoder(tgt, enc.memory, enc.pos, None if at_input else query_pos, enc.key_mask,
                                       self_attn_mask=attn_mask)
@@ -186,7 +203,8 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
 class ConvergenceLoss(nn.Module):
     """The criterion for `training_forward`'s output: the set loss of every query group (summed, as
     Group DETR does) plus, with denoising, each denoising query's class and box loss against the target
-    it was made from (every decoder layer, no matching), weighted by dn_loss_coef.
+    it was made from (every decoder layer, no matching), weighted by dn_loss_coef; a negative denoising
+    query has only the class term, towards "no object".
 
     forward(outputs, targets) -> dict of scalar tensors: group 0's terms under the usual names (so logs
     compare with plain DETR), other groups' under `g{k}_`, the denoising ones as loss_dn_ce / loss_dn_bbox
@@ -208,12 +226,13 @@ class ConvergenceLoss(nn.Module):
 
     def _denoising(self, dn: dict) -> dict[str, Tensor]:
         valid = dn["valid"]  # [B,D]
-        n = valid.sum().clamp(min=1).float()
-        labels, boxes = dn["labels"][valid], dn["boxes"][valid].float()  # [M], [M,4]
+        positive = valid & (dn["labels"] < dn["pred_logits"].shape[-1] - 1)  # negatives: class only
+        n = positive.sum().clamp(min=1).float()
+        labels, boxes = dn["labels"][valid], dn["boxes"][positive].float()  # [M], [P,4]
         ce = l1 = giou = 0.0
         for lg, bx in zip(dn["pred_logits"], dn["pred_boxes"]):  # decoder layers
             ce = ce + F.cross_entropy(lg[valid].float(), labels, reduction="sum") / n
-            pb = bx[valid].float()
+            pb = bx[positive].float()
             l1 = l1 + F.l1_loss(pb, boxes, reduction="sum") / n
             giou = giou + generalized_box_iou_loss(box_convert(pb, "cxcywh", "xyxy"),
                                                    box_convert(boxes, "cxcywh", "xyxy"), reduction="sum") / n
