@@ -83,6 +83,13 @@ def test_plateau_rule():
     # a flat AP near zero is DETR before its queries specialise, not a plateau
     assert not plateaued([(1, 0.001), (2, 0.004), (3, 0.003), (4, 0.004), (5, 0.003)])
     assert plateaued([(1, 0.001), (2, 0.004), (3, 0.003), (4, 0.004), (5, 0.003)], floor=0.0)
+    # AP 0.011 at BCCD's first evaluations was no plateau (it reached 0.096 later): below the floor
+    assert not plateaued([(56, 0.004), (112, 0.011), (168, 0.010), (224, 0.011), (280, 0.011)])
+    # a gain of 10% of the best still counts as progress
+    assert not plateaued([(1, 0.1), (2, 0.3), (3, 0.31), (4, 0.32), (5, 0.335)])
+    # three flat evaluations a few steps apart late in a long run are no plateau either
+    assert not plateaued([(100, 0.1), (1000, 0.3), (1010, 0.3), (1020, 0.3), (1030, 0.3)])
+    assert plateaued([(100, 0.1), (1000, 0.3), (1300, 0.3), (1600, 0.3), (1900, 0.3)])
 
 
 def _untrainable_run(tmp_path, max_minutes: float):

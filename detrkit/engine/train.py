@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 
 MAX_EPOCHS_UNDER_TIME = 100_000  # under --max-minutes with validation: the time and the plateau end the run
 PLATEAU_EVALS = 3  # the epoch ceiling ends a timed run when the best AP has not improved in this many evaluations
-PLATEAU_DELTA = 0.005  # ... by more than this (absolute AP)
-PLATEAU_FLOOR = 0.01  # below this best AP the run has not started to detect yet: a flat AP there is no plateau
+PLATEAU_DELTA = 0.005  # ... by more than this (absolute AP) or PLATEAU_GAIN of the best, whichever is larger
+PLATEAU_GAIN = 0.1
+PLATEAU_SPAN = 1 / 3  # ... and those evaluations cover at least this share of the steps so far
+PLATEAU_FLOOR = 0.05  # below this best AP the run has not started to detect yet: a flat AP there is no plateau
 DIAGNOSE_IMAGES = 20  # validation images whose predicted boxes the end-of-run diagnosis looks at
 
 
@@ -286,13 +288,18 @@ def _train_loop(run: _Run, state: RunState) -> str:
 def plateaued(history: list[tuple[int, float]], evals: int = PLATEAU_EVALS, delta: float = PLATEAU_DELTA,
               floor: float = PLATEAU_FLOOR) -> bool:
     """True when the last `evals` evaluations' AP (history: (step, AP) in order) did not beat the best
-    before them by more than `delta`. Never while the best AP is below `floor`: DETR's AP stays near
-    zero for its first hundreds of steps (the queries have not specialised yet), and stopping there
-    would leave the budget unused exactly where the run needs it."""
+    before them by more than `delta` or PLATEAU_GAIN of it, over at least PLATEAU_SPAN of the steps so
+    far. Never while the best AP is below `floor`: DETR's AP stays near zero for its first hundreds of
+    steps (the queries have not specialised yet), and stopping there would leave the budget unused
+    exactly where the run needs it; nor after a short flat stretch of a long run (frequent evaluations
+    of a small dataset)."""
     if len(history) <= evals or max(ap for _, ap in history) < floor:
         return False
+    last_step = history[-1][0]
+    if last_step - history[-evals - 1][0] < PLATEAU_SPAN * last_step:
+        return False
     before = max(ap for _, ap in history[:-evals])
-    return max(ap for _, ap in history[-evals:]) <= before + delta
+    return max(ap for _, ap in history[-evals:]) <= before + max(delta, PLATEAU_GAIN * before)
 
 
 def _epochs_left(run: _Run, state: RunState) -> bool:
@@ -308,7 +315,8 @@ def _epochs_left(run: _Run, state: RunState) -> bool:
         left = (run.budget.max_seconds - run.budget.elapsed()) / 60
         run.stop_reason = (f"stopped at the {run.cfg.epochs}-epoch ceiling (epoch {state.epoch}) with {left:.1f} "
                            f"minutes left: the validation AP has plateaued (best {best:.3f} at step {best_step}, "
-                           f"no gain above {PLATEAU_DELTA} in the last {PLATEAU_EVALS} evaluations)")
+                           f"no gain above {max(PLATEAU_DELTA, PLATEAU_GAIN * best):.3f} in the last {PLATEAU_EVALS} "
+                           "evaluations)")
         if dist_utils.rank() == 0:
             log.info("%s", run.stop_reason)
         return False
