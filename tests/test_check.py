@@ -131,8 +131,9 @@ def test_check_cli(tmp_path, capsys):
 
 
 def test_check_cli_shows_what_training_a_preset_would_warn_about(tmp_path, capsys):
-    """Crowded synthetic images (up to 60 small shapes) against detr-tiny's 20 queries: `data check` gives
-    the warning `train` would give at its start, with the fix; a --set that fixes it silences it."""
+    """Crowded synthetic images (up to 60 small shapes) against detr-tiny's 20 queries: `data check` says
+    what training will fit to the data (more queries); without the fit it gives the warning `train`
+    would give at its start, with the fix, and a --set that fixes it silences it."""
     from collections import Counter
 
     from detrkit.data.synthetic import make_synthetic
@@ -145,9 +146,16 @@ def test_check_cli_shows_what_training_a_preset_would_warn_about(tmp_path, capsy
     assert cli_main(["data", "check", str(path), "--no-decode"]) == 0
     out = capsys.readouterr().out
     assert "Training with preset detr-tiny (" in out
-    assert f"{len(crowded)} of 4 images have more objects than the model's 20 queries (up to {max(crowded)}" in out
+    assert f"fitted to the training set: input 144 -> 288 px" in out
+    assert f"queries 20 -> {min(100, -(-max(crowded) * 12 // 100) * 10)} (up to {max(crowded)} objects" in out
+    assert "more objects than the model's" not in out
     assert out.index("Training with preset") < out.index("Result: OK")
-    assert cli_main(["data", "check", str(path), "--no-decode", "--set", "model.num_queries=100"]) == 0
+    assert cli_main(["data", "check", str(path), "--no-decode", "--set", "fit_to_data=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(crowded)} of 4 images have more objects than the model's 20 queries (up to {max(crowded)}" in out
+    assert "fitted" not in out
+    assert cli_main(["data", "check", str(path), "--no-decode", "--set", "fit_to_data=false",
+                     "--set", "model.num_queries=100"]) == 0
     assert "queries" not in capsys.readouterr().out
 
 

@@ -113,12 +113,17 @@ def object_sides(index: DatasetIndex, model_cfg: ModelConfig) -> list[float]:
 
 
 def dataset_warnings(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[str]:
-    """`preflight_warnings` before any run (`detrkit data check`): the run's length is the one its epochs
-    and --max-steps give on all of `index`'s images (a schedule fitted to --max-minutes may be shorter)."""
+    """`preflight_warnings` before any run (`detrkit data check`), for the settings training will use
+    (fitted to `index` when train_cfg.fit_to_data, which is said first): the run's length is the one
+    its epochs and --max-steps give on all of `index`'s images (a schedule fitted to --max-minutes may
+    be shorter)."""
+    from .input_fit import fit_to_data
     from .state import Plan, RunState
 
+    model_cfg, train_cfg, fitted = fit_to_data(index, model_cfg.with_classes(index.class_names,
+                                                                             index.category_ids), train_cfg)
     total = RunState.fresh(Plan.of(len(index.images), train_cfg), train_cfg).total_steps
-    return preflight_warnings(index, model_cfg, train_cfg, total)
+    return ([fitted] if fitted else []) + preflight_warnings(index, model_cfg, train_cfg, total)
 
 
 def log_preflight(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None,
