@@ -1,4 +1,5 @@
 """The input size and query count fitted to the training set (engine/input_fit.py, issue 12)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_small_objects_grow_every_input_size_by_one_factor():
     sizes = [new_model.image_size, new_model.max_image_size, *new_train.train_scales, *new_train.crop_size]
     assert all(s % SIZE_STEP == 0 for s in sizes)
     assert "144 -> 288 px" in said and "24 px" in said
-    assert new_model.num_queries == model.num_queries and "queries" not in said
+    assert new_model.num_queries == model.num_queries and "queries 20 ->" not in said
 
 
 def test_the_upscale_is_capped():
@@ -64,6 +65,22 @@ def test_crowded_images_get_more_queries():
     assert fit_input(_index([16]), model).num_queries == 20
     assert fit_input(_index([17]), model).num_queries == 30
     assert fit_input(_index([500]), model).num_queries == 100  # capped
+
+
+def test_dense_images_get_the_papers_no_object_balance():
+    model, train = _tiny()
+    # 2 objects per image in 20 queries: 18 empty slots at 0.1 weigh 0.9x the matched ones, within 2x of
+    # the paper's 1.27x: left alone
+    assert fit_input(_index([2, 2]), model, 0.1).eos_coef == 0.1
+    # 12 per image in 20 queries: 8 empty slots at 0.1 weigh 0.07x; the paper's balance needs 1.27 * 12 / 8
+    new_model, new_train, said = fit_to_data(_index([12, 12]), model, train)
+    assert new_model.num_queries == 20 and new_train.eos_coef == 1.0  # capped at an unweighted class
+    assert "no-object weight 0.1 -> 1 (12.0 objects per image in 20 queries)" in said
+    # the same images with 40 queries: 28 empty slots -> 1.27 * 12 / 28 = 0.54
+    fit = fit_input(_index([12, 12]), dataclasses.replace(model, num_queries=40), 0.1)
+    assert fit.eos_coef == pytest.approx(round(0.1 * 92.7 / 7.3 * 12 / 28, 2))
+    # it never lowers a preset's weight
+    assert fit_input(_index([1, 0, 0, 0]), model, 0.5).eos_coef == 0.5
 
 
 def test_off_by_default_outside_the_cpu_preset():
