@@ -24,7 +24,6 @@ and the run log record what was chosen.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import statistics
 from collections import Counter
@@ -33,8 +32,6 @@ from dataclasses import dataclass
 from ..config import ModelConfig, TrainConfig
 from ..data.index import DatasetIndex
 from .preflight import feature_stride, object_sides, queries_for
-
-log = logging.getLogger(__name__)
 
 TARGET_CELLS = 1.5  # the median object's side, in feature cells, that the input is grown to
 MAX_UPSCALE = 2.0
@@ -103,7 +100,7 @@ def fit_input(index: DatasetIndex, model_cfg: ModelConfig, eos_coef: float = 0.1
     most = max(per_image.values(), default=0)
     queries = model_cfg.num_queries
     if most * 1.2 > queries:
-        queries = min(MAX_QUERIES, max(queries, queries_for(most)))
+        queries = max(queries, min(MAX_QUERIES, queries_for(most)))  # never fewer than the preset's
     mean = sum(per_image.values()) / max(1, len(index.images))
     balanced = min(1.0, NO_OBJECT_BALANCE * mean / (queries - mean)) if queries > mean else 1.0
     if balanced > EOS_TOLERANCE * eos_coef:
