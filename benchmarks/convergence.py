@@ -38,11 +38,12 @@ log = logging.getLogger("convergence")
 
 VARIANTS: dict[str, dict] = {
     "preset": {},  # the preset exactly as shipped
-    "base": {"dn_groups": 0, "query_groups": 1, "iou_aware": False},
-    "dn": {"dn_groups": 4, "query_groups": 1, "iou_aware": False},
-    "groups": {"dn_groups": 0, "query_groups": 3, "iou_aware": False},
-    "iou": {"dn_groups": 0, "query_groups": 1, "iou_aware": True},
-    "all": {"dn_groups": 4, "query_groups": 3, "iou_aware": True},
+    "base": {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": False},
+    "dn": {"dn_groups": 4, "dn_negatives": False, "query_groups": 1, "iou_aware": False},
+    "cdn": {"dn_groups": 4, "dn_negatives": True, "query_groups": 1, "iou_aware": False},
+    "groups": {"dn_groups": 0, "dn_negatives": False, "query_groups": 3, "iou_aware": False},
+    "iou": {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": True},
+    "all": {"dn_groups": 4, "dn_negatives": True, "query_groups": 3, "iou_aware": True},
 }
 THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
