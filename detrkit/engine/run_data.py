@@ -89,7 +89,7 @@ def check_or_raise(path, split, images_dir, skip_bad: bool) -> None:
 class RunData:
     """train_set: SeededSamples of the augmented training set; val_set: None without validation data;
     model_cfg, train_cfg: the given ones with the training set's classes and, with cfg.fit_to_data, the
-    input sizes and query count fitted to it (engine/input_fit.py)."""
+    input sizes, query count and no-object weight fitted to it (engine/input_fit.py)."""
 
     train_index: DatasetIndex
     val_index: DatasetIndex | None
