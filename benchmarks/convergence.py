@@ -36,14 +36,16 @@ from detrkit.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
 
 log = logging.getLogger("convergence")
 
+_OFF = {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": False, "enc_aux_coef": 0.0}
 VARIANTS: dict[str, dict] = {
     "preset": {},  # the preset exactly as shipped
-    "base": {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": False},
-    "dn": {"dn_groups": 4, "dn_negatives": False, "query_groups": 1, "iou_aware": False},
-    "cdn": {"dn_groups": 4, "dn_negatives": True, "query_groups": 1, "iou_aware": False},
-    "groups": {"dn_groups": 0, "dn_negatives": False, "query_groups": 3, "iou_aware": False},
-    "iou": {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": True},
-    "all": {"dn_groups": 4, "dn_negatives": True, "query_groups": 3, "iou_aware": True},
+    "base": _OFF,
+    "dn": {**_OFF, "dn_groups": 4},
+    "cdn": {**_OFF, "dn_groups": 4, "dn_negatives": True},
+    "groups": {**_OFF, "query_groups": 3},
+    "iou": {**_OFF, "iou_aware": True},
+    "enc": {**_OFF, "enc_aux_coef": 1.0},
+    "all": {"dn_groups": 4, "dn_negatives": True, "query_groups": 3, "iou_aware": True, "enc_aux_coef": 1.0},
 }
 THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))

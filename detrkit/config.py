@@ -161,6 +161,9 @@ class TrainConfig(_DictIO):
     dn_loss_coef: float = 1.0  # weight of the denoising losses (ce, L1, GIoU with the usual weights) in the total
     query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
     iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")
+    # dense head on the encoder memory (Co-DETR's auxiliary head, training-only): each feature cell near
+    # an object's centre predicts its class and box; weight of its losses in the total (0 = off)
+    enc_aux_coef: float = 0.0
     # grow the input sizes and the query count to the training set when its objects are smaller than a
     # feature cell or more than the queries allow (engine/input_fit.py; only ever grows, never shrinks)
     fit_to_data: bool = False
@@ -209,7 +212,8 @@ class TrainConfig(_DictIO):
             "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False), "cache_images": (0, False),
             "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
             "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
-            "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False)})
+            "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False),
+            "enc_aux_coef": (0, False)})
         _check("TrainConfig", "dn_label_noise", self.dn_label_noise <= 1, "at most 1", self.dn_label_noise)
         if not isinstance(self.backbone_weights, str) or not self.backbone_weights.strip():
             raise ValueError(f"TrainConfig.backbone_weights must be 'imagenet', 'none' or a path, got "

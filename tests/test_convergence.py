@@ -9,8 +9,8 @@ from torchvision.ops import box_convert
 
 from detrkit import Detector, build_model
 from detrkit.config import TrainConfig
-from detrkit.engine.convergence import (ConvergenceLoss, TrainingQueries, self_attention_mask,
-                                        training_forward)
+from detrkit.engine.convergence import (ConvergenceLoss, TrainingQueries, cell_geometry, dense_targets,
+                                        encoder_losses, self_attention_mask, training_forward)
 from detrkit.losses import SetCriterion
 from detrkit.model.detr import BackboneFeatures, pad_images
 
@@ -184,22 +184,23 @@ def test_iou_aware_class_target():
 def test_trained_with_every_switch_exports_to_huggingface(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = _model()
-    cfg = TrainConfig(dn_groups=2, dn_negatives=True, query_groups=3, iou_aware=True)
+    cfg = TrainConfig(dn_groups=2, dn_negatives=True, query_groups=3, iou_aware=True, enc_aux_coef=1.0)
     keys_before = {k: v.shape for k, v in model.state_dict().items()}
     extra = TrainingQueries.from_config(cfg, model)
-    loss_fn = ConvergenceLoss(SetCriterion.from_config(cfg, 3), cfg.dn_loss_coef)
+    loss_fn = ConvergenceLoss(SetCriterion.from_config(cfg, 3), cfg.dn_loss_coef, cfg.enc_aux_coef)
     params = list(model.parameters()) + list(extra.parameters())
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
     model.train()
     before = model.query_embed.weight.detach().clone()
     for _ in range(3):
         losses = loss_fn(training_forward(model, extra, _features(), _targets()), _targets())
-        assert {"loss_dn_ce", "loss_dn_bbox", "g2_loss_giou", "loss_ce"} <= set(losses)
+        assert {"loss_dn_ce", "loss_dn_bbox", "g2_loss_giou", "loss_ce", "loss_enc_focal", "loss_enc_giou"} <= set(losses)
         opt.zero_grad()
         loss_fn.total(losses).backward()
         opt.step()
     assert not torch.equal(before, model.query_embed.weight)
     assert extra.dn_box.layers[0].weight.grad is not None and extra.extra_queries.grad is not None
+    assert extra.enc_head.box_head.layers[0].weight.grad is not None
     assert {k: v.shape for k, v in model.state_dict().items()} == keys_before
 
     out = Detector(model.eval(), model.cfg).export_huggingface(tmp_path / "hf")
@@ -207,3 +208,34 @@ def test_trained_with_every_switch_exports_to_huggingface(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     again = Detector.from_pretrained(out)
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_encoder_head_targets_by_hand():
+    """Cells within 1.5 cells of a centre and inside the box are positive; the centre's own cell always
+    is (here a centre on a cell border, and a box smaller than a cell); padding is -1."""
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[1, 3:], mask[1, :, 4:] = True, True  # image 1: 4 x 3 cells of its own
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.9, 0.9], [0.1, 0.125, 0.05, 0.05]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    labels, boxes = dense_targets(mask, targets, num_classes=3)
+    want0 = torch.full((4, 5), 3)
+    want0[1:3, 1:4] = 1  # x centres 0.3 0.5 0.7 (reach 1.5 x 0.2), y 0.375 0.625 (0.125 is exactly 0.375 away)
+    want0[0, 0] = 0  # the small box: its own cell only
+    want1 = torch.full((4, 5), 3)
+    want1[3], want1[:, 4] = -1, -1
+    want1[1, 2] = 2  # centre (0.5, 0.5) on the border of columns 1 and 2: floor(0.5 * 4) = column 2
+    assert torch.equal(labels.view(2, 4, 5), torch.stack([want0, want1]))
+    assert torch.equal(boxes.view(2, 4, 5, 4)[0, 1, 2], targets[0]["boxes"][0])
+
+
+def test_encoder_head_loss_at_a_perfect_box_is_zero():
+    """Offsets that put each positive cell's box on its target give zero L1 and GIoU."""
+    mask = torch.zeros(1, 3, 3, dtype=torch.bool)
+    tgt = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.8, 0.8]])}]
+    labels, boxes = dense_targets(mask, tgt, 1)
+    centres, cell = cell_geometry(mask)
+    offsets = torch.cat([(boxes[..., :2] - centres) / cell, (boxes[..., 2:].clamp(min=1e-3) / cell).log()], -1)
+    losses = encoder_losses({"logits": torch.zeros(1, 9, 1), "offsets": offsets, "mask": mask}, tgt, 1)
+    assert (labels == 0).sum() == 9  # reach min(0.4, 0.5) > 1/3 (a 0.6 box would reach 0.3: centre only)
+    assert losses["loss_enc_bbox"].abs() < 1e-5 and losses["loss_enc_giou"].abs() < 1e-5
+    assert losses["loss_enc_focal"] > 0

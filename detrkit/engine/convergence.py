@@ -17,6 +17,10 @@ from step to step (the Hungarian matching is unstable early on). Two fixes that 
   query noised more strongly (between one and two times the box noise) that must answer "no object".
   Beside its positive twin it teaches the decoder that of two queries on one object the worse one
   yields, which is what suppresses duplicate boxes.
+- An encoder head (Co-DETR's auxiliary head, one-to-many): every feature cell near an object's centre
+  predicts that object's class and box from the encoder memory. Each object teaches up to 3x3 cells
+  every step with no matching at all, so the memory the decoder reads learns to say what and where
+  from the first step; the head is dropped at export.
 
 `TrainingQueries` holds the training-only parameters; `training_forward(model, extra, ...)` runs the
 model's public blocks (features, encode, the decoder, heads) with the extra queries and the mask, so
@@ -32,7 +36,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..config import TrainConfig
 from ..model.detr import MLP, BackboneFeatures
@@ -79,10 +83,11 @@ class TrainingQueries(nn.Module):
             self.dn_box = MLP(d, d, d, 2)
         else:
             self.dn_label = self.dn_box = None
+        self.enc_head = EncoderHead(d, num_classes) if getattr(cfg, "enc_aux_coef", 0.0) > 0 else None
 
     @property
     def active(self) -> bool:
-        return self.groups > 1 or self.dn_groups > 0
+        return self.groups > 1 or self.dn_groups > 0 or self.enc_head is not None
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, model: nn.Module) -> "TrainingQueries":
@@ -134,6 +139,94 @@ class TrainingQueries(nn.Module):
                 valid.flatten(1, 3))
 
 
+CENTRE_CELLS = 1.5  # an object's positive cells lie within this many cells of its centre (and in its box)
+ENC_FOCAL_WEIGHT = 2.0  # the encoder head's class loss weight (sigmoid focal, as dense detectors weigh it)
+
+
+class EncoderHead(nn.Module):
+    """Dense class and box head on the encoder memory (training-only).
+
+    forward(memory [B,N,d]) -> logits [B,N,C] (sigmoid, one per class), offsets [B,N,4]: the box of
+    cell (x, y) of size (cw, ch) is (x + o0 cw, y + o1 ch, cw exp(o2), ch exp(o3)), cxcywh."""
+
+    def __init__(self, hidden_dim: int, num_classes: int):
+        super().__init__()
+        self.class_head = nn.Linear(hidden_dim, num_classes)
+        self.box_head = MLP(hidden_dim, hidden_dim, 4, 2)
+        # the paper-standard focal prior: every cell starts at ~1% object, so the many empty cells
+        # do not swamp the first steps
+        nn.init.constant_(self.class_head.bias, -math.log(99.0))
+
+    def forward(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        return self.class_head(memory), self.box_head(memory)
+
+
+def cell_geometry(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Feature mask [B,h,w] (True on padding) -> cell centres [B,N,2] (x, y in [0,1] of each image's own
+    unpadded extent) and cell sizes [B,1,2] (1/w_i, 1/h_i), N = h*w row-major."""
+    b, h, w = mask.shape
+    valid = ~mask
+    w_i = valid.any(1).sum(1).clamp(min=1).float()  # [B]
+    h_i = valid.any(2).sum(1).clamp(min=1).float()
+    xs = (torch.arange(w, device=mask.device).float() + 0.5)[None] / w_i[:, None]  # [B,w]
+    ys = (torch.arange(h, device=mask.device).float() + 0.5)[None] / h_i[:, None]  # [B,h]
+    centres = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1).flatten(1, 2)
+    return centres, torch.stack([1 / w_i, 1 / h_i], dim=-1)[:, None]
+
+
+def dense_targets(mask: Tensor, targets: Sequence[dict], num_classes: int) -> tuple[Tensor, Tensor]:
+    """The encoder head's targets: a cell is positive for an object when its centre lies within
+    CENTRE_CELLS cells of the object's centre and inside the box (the cell holding the centre always
+    counts, so a box smaller than a cell still gets one); of several, the smallest box wins.
+    -> labels [B,N] (num_classes = background, -1 = padding), boxes [B,N,4] cxcywh (zeros where none)."""
+    b, n = mask.shape[0], mask.shape[1] * mask.shape[2]
+    centres, cell = cell_geometry(mask)
+    m = max((len(t["labels"]) for t in targets), default=0)
+    labels = torch.full((b, n), num_classes, dtype=torch.int64, device=mask.device)
+    boxes = torch.zeros((b, n, 4), device=mask.device)
+    if m > 0:
+        gt = torch.zeros((b, m, 4), device=mask.device)
+        gl = torch.zeros((b, m), dtype=torch.int64, device=mask.device)
+        present = torch.zeros((b, m), dtype=torch.bool, device=mask.device)
+        for i, t in enumerate(targets):
+            k = len(t["labels"])
+            gt[i, :k], gl[i, :k], present[i, :k] = t["boxes"].float(), t["labels"], True
+        reach = torch.maximum(torch.minimum(gt[:, None, :, 2:] / 2, CENTRE_CELLS * cell[:, :, None]),
+                              cell[:, :, None] / 2)  # [B,1,M,2]
+        near = ((centres[:, :, None] - gt[:, None, :, :2]).abs() < reach).all(-1)  # [B,N,M]
+        # the cell holding the centre, explicitly (a centre on a cell border is < half a cell from none)
+        extent = (1 / cell[:, 0]).round().long()  # [B,2] unpadded cells (w_i, h_i)
+        home = (gt[..., :2] * extent[:, None]).long().clamp(min=0)
+        home = torch.minimum(home, extent[:, None] - 1)  # [B,M,2]
+        home_index = home[..., 1] * mask.shape[2] + home[..., 0]  # row-major in the padded map
+        near = (near | (torch.arange(n, device=mask.device)[None, :, None] == home_index[:, None])) & present[:, None]
+        area = torch.where(near, (gt[..., 2] * gt[..., 3])[:, None], torch.inf)
+        best = area.argmin(-1)  # [B,N]
+        hit = near.any(-1)
+        labels = torch.where(hit, gl.gather(1, best), labels)
+        boxes = torch.where(hit[..., None], gt.gather(1, best[..., None].expand(-1, -1, 4)), boxes)
+    labels[mask.flatten(1)] = -1
+    return labels, boxes
+
+
+def encoder_losses(enc: dict, targets: Sequence[dict], num_classes: int) -> dict[str, Tensor]:
+    """Sigmoid focal class loss over every unpadded cell, L1 and GIoU over the positive cells, each
+    divided by the number of positive cells. enc: {"logits" [B,N,C], "offsets" [B,N,4], "mask" [B,h,w]}."""
+    labels, boxes = dense_targets(enc["mask"], targets, num_classes)
+    valid, positive = labels >= 0, (labels >= 0) & (labels < num_classes)
+    n = positive.sum().clamp(min=1).float()
+    onehot = F.one_hot(labels.clamp(min=0), num_classes + 1)[..., :num_classes].float()
+    focal = sigmoid_focal_loss(enc["logits"][valid].float(), onehot[valid], reduction="sum") / n
+    centres, cell = cell_geometry(enc["mask"])
+    o = enc["offsets"].float()
+    pred = torch.cat([centres + o[..., :2] * cell, cell * o[..., 2:].clamp(max=8).exp()], dim=-1)[positive]
+    target = boxes[positive]
+    l1 = F.l1_loss(pred, target, reduction="sum") / n
+    giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"),
+                                    reduction="sum") / n
+    return {"loss_enc_focal": focal, "loss_enc_bbox": l1, "loss_enc_giou": giou}
+
+
 def self_attention_mask(num_queries: int, groups: int, dn_groups: int = 0, dn_width: int = 0,
                         device: torch.device | None = None) -> Tensor:
     """Self-attention mask [L,L] (True = blocked) over the decoder's queries, in the order
@@ -160,7 +253,8 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
     inputs: what `DETR.forward` takes (a list of [3,H,W] images, a padded batch, or BackboneFeatures).
     -> {"groups": K dicts like DETR.forward's output (group 0 = the model's own queries),
         "dn": None or {pred_logits [L,B,D,C+1], pred_boxes [L,B,D,4] (every decoder layer), labels [B,D],
-              boxes [B,D,4] (the true ones), valid [B,D]}}.
+              boxes [B,D,4] (the true ones), valid [B,D]},
+        "enc": None or {logits [B,N,C], offsets [B,N,4], mask [B,h,w]} (the encoder head's)}.
     """
     feats = inputs if isinstance(inputs, BackboneFeatures) else model.features(inputs)
     enc = model.encode(feats)
@@ -197,7 +291,11 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
     if dn is not None:
         dn["pred_logits"] = model.class_embed(hs[:, :, groups * q:])
         dn["pred_boxes"] = model.bbox_embed(hs[:, :, groups * q:]).sigmoid()
-    return {"groups": outs, "dn": dn}
+    enc_out = None
+    if extra is not None and extra.enc_head is not None:
+        logits, offsets = extra.enc_head(enc.memory)
+        enc_out = {"logits": logits, "offsets": offsets, "mask": enc.mask}
+    return {"groups": outs, "dn": dn, "enc": enc_out}
 
 
 class ConvergenceLoss(nn.Module):
@@ -211,10 +309,11 @@ class ConvergenceLoss(nn.Module):
     / loss_dn_giou. total(losses) -> the trained sum.
     """
 
-    def __init__(self, criterion: nn.Module, dn_loss_coef: float = 1.0):
+    def __init__(self, criterion: nn.Module, dn_loss_coef: float = 1.0, enc_aux_coef: float = 0.0):
         super().__init__()
         self.criterion = criterion
         self.dn_loss_coef = dn_loss_coef
+        self.enc_aux_coef = enc_aux_coef
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         losses = dict(self.criterion(outputs["groups"][0], targets))
@@ -222,6 +321,8 @@ class ConvergenceLoss(nn.Module):
             losses.update({f"g{g}_{k}": v for k, v in self.criterion(out, targets).items()})
         if outputs.get("dn") is not None:
             losses.update(self._denoising(outputs["dn"]))
+        if outputs.get("enc") is not None:
+            losses.update(encoder_losses(outputs["enc"], targets, self.criterion.num_classes))
         return losses
 
     def _denoising(self, dn: dict) -> dict[str, Tensor]:
@@ -239,6 +340,10 @@ class ConvergenceLoss(nn.Module):
         return {"loss_dn_ce": ce, "loss_dn_bbox": l1, "loss_dn_giou": giou}
 
     def weight(self, name: str) -> float:
+        if name == "loss_enc_focal":
+            return self.enc_aux_coef * ENC_FOCAL_WEIGHT
+        if name.startswith("loss_enc_"):
+            return self.enc_aux_coef * self.criterion.weight("loss_" + name[len("loss_enc_"):])
         if name.startswith("loss_dn_"):
             return self.dn_loss_coef * self.criterion.weight("loss_" + name[len("loss_dn_"):])
         if name.startswith("g") and "_" in name and name[1:name.index("_")].isdigit():
