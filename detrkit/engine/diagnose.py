@@ -106,7 +106,7 @@ def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pr
     if steps < FEW_STEPS:
         d.causes.append(f"too few steps: {steps} optimizer steps; DETR usually needs several thousand before "
                         "its queries specialise (give it more time, or the convergence switches dn_groups / "
-                        "enc_aux_coef / query_groups)")
+                        "query_groups)")
     if backbone_kind == "random":
         d.causes.append("a random backbone" + (" that stays frozen, so its features never improve" if frozen_backbone
                                                 else "") + ": use --backbone-weights imagenet (or a file), "

@@ -7,13 +7,6 @@ trainable batch norm) learns to name the object in crops cut around each trainin
 margins of context, then its weights and batch statistics go into the detector's backbone, whose
 frozen batch norm takes them as they are. Only the training annotations are used.
 
-A crop is never magnified beyond the scale the detector will see its object at (`detection_scale`):
-its window is at least `size` pixels of the detector's input. Cut tight and resized to `size`, a
-10-pixel object would be learnt at 6x the size it has on the detector's feature map, and the frozen
-features would not know it there (the hard synthetic set learnt nothing that way: matched queries
-stayed at "no object" for 1000 steps while the crop classifier was right 95% of the time). The window
-around a small object is then what the detector's stride-32 cells around it hold.
-
 Crop classification alone is degenerate where the classes are few or trivially separated: with one
 class there is nothing to learn, and classes that differ only in size are told apart by the crop's
 scale. With `background` (TrainConfig.pretrain_background) the crops of boxes are mixed with as many
@@ -71,32 +64,10 @@ def _background_box(boxes: Tensor, w: int, h: int, generator: torch.Generator) -
     return None
 
 
-def detection_scale(h: int, w: int, short_side: int | None, max_size: int | None) -> float:
-    """The factor the detector resizes an h x w image by (short side to short_side, the long side at
-    most max_size); 1 when short_side is None."""
-    if short_side is None:
-        return 1.0
-    scale = short_side / min(h, w)
-    return min(scale, max_size / max(h, w)) if max_size else scale
-
-
-def _window(lo: float, hi: float, margin: float, least: float, extent: int) -> tuple[int, int]:
-    """[start, end) pixels along one axis: lo..hi widened by margin on each side and to at least
-    `least` (centred, moved inside the image rather than cut at its border where it fits)."""
-    side = max(hi - lo + 2 * margin, least)
-    if side >= extent:
-        return 0, extent
-    start = min(max(0.0, (lo + hi) / 2 - side / 2), extent - side)
-    return int(start), min(extent, math.ceil(start + side))
-
-
 def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
-              max_crops: int = MAX_CROPS, background: bool = False, short_side: int | None = None,
-              max_size: int | None = None) -> tuple[Tensor, Tensor]:
+              max_crops: int = MAX_CROPS, background: bool = False) -> tuple[Tensor, Tensor]:
     """Crops around the (non-crowd) training boxes, resized to size x size: images in random order
     until `max_crops`. -> crops [N,3,size,size] uint8, labels [N] int64.
-    short_side, max_size: the detector's input scale; a crop's window is then at least `size` pixels
-    of that scale, so no object is magnified beyond it (None: windows are the box and its margin).
     background: also one crop per box cut where no object is (overlap < BACKGROUND_MAX_IOU), labelled
     the number of classes (one class more). Unreadable images are skipped with a warning."""
     threads = torch.get_num_threads()
@@ -104,13 +75,13 @@ def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
     # 0.3 ms a crop measured on a busy 2-core machine)
     torch.set_num_threads(1)
     try:
-        return _box_crops(dataset, size, generator, max_crops, background, short_side, max_size)
+        return _box_crops(dataset, size, generator, max_crops, background)
     finally:
         torch.set_num_threads(threads)
 
 
 def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator, max_crops: int,
-               background: bool, short_side: int | None, max_size: int | None) -> tuple[Tensor, Tensor]:
+               background: bool) -> tuple[Tensor, Tensor]:
     num_classes = len(dataset.index.class_names)
     crops, labels = [], []
     order = torch.randperm(len(dataset), generator=generator).tolist()
@@ -127,12 +98,11 @@ def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
             log.warning("backbone pretraining: skipping %s (%s)", rec.file, e.problem)
             continue
         h, w = image.shape[-2:]
-        least = size / detection_scale(h, w, short_side, max_size) if short_side else 0.0
 
         def cut(x0, y0, x1, y1, label, margin):
             m = margin * max(x1 - x0, y1 - y0)
-            top, bottom = _window(y0, y1, m, least, h)
-            left, right = _window(x0, x1, m, least, w)
+            top, left = max(0, int(y0 - m)), max(0, int(x0 - m))
+            bottom, right = min(h, math.ceil(y1 + m)), min(w, math.ceil(x1 + m))
             if bottom <= top or right <= left:
                 return
             crop = image[None, :, top:bottom, left:right].float()
@@ -188,9 +158,7 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     background = cfg.pretrain_background
     # no more crops than the steps will see once (cutting them is the slow part on many small boxes)
     max_crops = min(MAX_CROPS, max(1000, cfg.pretrain_steps * cfg.pretrain_batch_size))
-    scales = sorted(cfg.train_scales)
-    crops, labels = box_crops(dataset, cfg.pretrain_crop_size, g, max_crops, background=background,
-                              short_side=scales[len(scales) // 2], max_size=cfg.train_max_size)
+    crops, labels = box_crops(dataset, cfg.pretrain_crop_size, g, max_crops, background=background)
     if not background and num_classes == 1:
         log.warning("backbone pretraining: one class and no background crops, so crop classification "
                     "teaches nothing (set pretrain_background)")
