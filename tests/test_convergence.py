@@ -3,6 +3,8 @@ the denoising part leaks nothing into the matching queries, query groups do not 
 IoU-aware class target, and a model trained with every switch on exports to Hugging Face unchanged."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchvision.ops import box_convert
@@ -238,4 +240,5 @@ def test_encoder_head_loss_at_a_perfect_box_is_zero():
     losses = encoder_losses({"logits": torch.zeros(1, 9, 1), "offsets": offsets, "mask": mask}, tgt, 1)
     assert (labels == 0).sum() == 9  # reach min(0.4, 0.5) > 1/3 (a 0.6 box would reach 0.3: centre only)
     assert losses["loss_enc_bbox"].abs() < 1e-5 and losses["loss_enc_giou"].abs() < 1e-5
-    assert losses["loss_enc_focal"] > 0
+    # logits 0: p = 0.5 on all 9 positive cells, focal = alpha (1 - p)^2 ln 2 each, over 9 positives
+    assert torch.allclose(losses["loss_enc_focal"], torch.tensor(0.25 * 0.25 * math.log(2)), atol=1e-6)

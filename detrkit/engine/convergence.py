@@ -83,7 +83,7 @@ class TrainingQueries(nn.Module):
             self.dn_box = MLP(d, d, d, 2)
         else:
             self.dn_label = self.dn_box = None
-        self.enc_head = EncoderHead(d, num_classes) if getattr(cfg, "enc_aux_coef", 0.0) > 0 else None
+        self.enc_head = EncoderHead(d, num_classes) if cfg.enc_aux_coef > 0 else None
 
     @property
     def active(self) -> bool:
@@ -174,13 +174,15 @@ def cell_geometry(mask: Tensor) -> tuple[Tensor, Tensor]:
     return centres, torch.stack([1 / w_i, 1 / h_i], dim=-1)[:, None]
 
 
-def dense_targets(mask: Tensor, targets: Sequence[dict], num_classes: int) -> tuple[Tensor, Tensor]:
+def dense_targets(mask: Tensor, targets: Sequence[dict], num_classes: int,
+                  geometry: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The encoder head's targets: a cell is positive for an object when its centre lies within
     CENTRE_CELLS cells of the object's centre and inside the box (the cell holding the centre always
     counts, so a box smaller than a cell still gets one); of several, the smallest box wins.
+    geometry: `cell_geometry(mask)` when the caller has it already.
     -> labels [B,N] (num_classes = background, -1 = padding), boxes [B,N,4] cxcywh (zeros where none)."""
     b, n = mask.shape[0], mask.shape[1] * mask.shape[2]
-    centres, cell = cell_geometry(mask)
+    centres, cell = geometry if geometry is not None else cell_geometry(mask)
     m = max((len(t["labels"]) for t in targets), default=0)
     labels = torch.full((b, n), num_classes, dtype=torch.int64, device=mask.device)
     boxes = torch.zeros((b, n, 4), device=mask.device)
@@ -212,12 +214,12 @@ def dense_targets(mask: Tensor, targets: Sequence[dict], num_classes: int) -> tu
 def encoder_losses(enc: dict, targets: Sequence[dict], num_classes: int) -> dict[str, Tensor]:
     """Sigmoid focal class loss over every unpadded cell, L1 and GIoU over the positive cells, each
     divided by the number of positive cells. enc: {"logits" [B,N,C], "offsets" [B,N,4], "mask" [B,h,w]}."""
-    labels, boxes = dense_targets(enc["mask"], targets, num_classes)
+    centres, cell = cell_geometry(enc["mask"])
+    labels, boxes = dense_targets(enc["mask"], targets, num_classes, (centres, cell))
     valid, positive = labels >= 0, (labels >= 0) & (labels < num_classes)
     n = positive.sum().clamp(min=1).float()
     onehot = F.one_hot(labels.clamp(min=0), num_classes + 1)[..., :num_classes].float()
     focal = sigmoid_focal_loss(enc["logits"][valid].float(), onehot[valid], reduction="sum") / n
-    centres, cell = cell_geometry(enc["mask"])
     o = enc["offsets"].float()
     pred = torch.cat([centres + o[..., :2] * cell, cell * o[..., 2:].clamp(max=8).exp()], dim=-1)[positive]
     target = boxes[positive]
