@@ -1,7 +1,8 @@
 """What the backbone starts from, decided once per run and recorded (log, config.json, checkpoints).
 
-In order: `backbone_weights` "imagenet" or a path (weights/imagenet.py); else, with pretrain_steps > 0,
-the self-pretraining fallback on the training set's own crops (engine/pretrain.py); else random
+In order: `backbone_weights` "imagenet" or a path (weights/imagenet.py); else, with pretrain_steps or
+pretrain_dense_steps > 0, the self-pretraining fallback on the training set's own crops
+(engine/pretrain.py) and then windows at the detector's scale (engine/dense_pretrain.py); else random
 weights, which a frozen backbone cannot recover from -- the log says so.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BackboneStart:
-    kind: str  # "imagenet", "file", "pretrained-crops", "random" or "checkpoint" (fine-tuning / resuming)
+    # "imagenet", "file", "pretrained-crops" (crops, then windows when pretrain_dense_steps), "pretrained-dense"
+    # (windows only), "random" or "checkpoint" (fine-tuning / resuming)
+    kind: str
     description: str  # in words, for the log and the summary
     details: dict = field(default_factory=dict)  # e.g. pretraining accuracy and crop count
 
@@ -40,18 +43,10 @@ def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainCon
 
         description = load_backbone_weights(body, model_cfg.backbone, spec, progress)
         start = BackboneStart("imagenet" if spec == "imagenet" else "file", description)
-        if train_cfg.pretrain_steps > 0:
-            log.info("backbone weights given (%s): crop pretraining skipped", spec)
-    elif train_cfg.pretrain_steps > 0:
-        from .pretrain import pretrain_backbone
-        from .run_plan import pretrain_seconds
-
-        pre = pretrain_backbone(body, model_cfg.backbone, dataset, train_cfg, model_cfg.num_classes, device,
-                                progress, max_seconds=pretrain_seconds(train_cfg))
-        what = "box and background crops" if train_cfg.pretrain_background else "box crops"
-        start = BackboneStart("pretrained-crops",
-                              f"self-pretrained on the training set's {what} ({pre.steps} steps, "
-                              f"held-out accuracy {pre.accuracy:.3f})", pre.to_dict())
+        if train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0:
+            log.info("backbone weights given (%s): self-pretraining skipped", spec)
+    elif train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0:
+        start = self_pretrain(body, model_cfg, train_cfg, dataset, device, progress)
     else:
         start = BackboneStart("random", "random weights (no backbone_weights, no pretraining)")
         if train_cfg.lr_backbone <= 0 or not model_cfg.train_backbone:
@@ -59,6 +54,33 @@ def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainCon
                         "(imagenet or a file) or pretrain_steps")
     log.info("backbone start: %s", start.description)
     return start
+
+
+def self_pretrain(body: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset, device: torch.device,
+                  progress: bool) -> BackboneStart:
+    """The fallback where no weights can be had: crop classification, then dense windows (each phase
+    when its step count is > 0, each within its share of --max-minutes)."""
+    from .run_plan import dense_pretrain_seconds, pretrain_seconds
+
+    net, parts, details = None, [], {}
+    if train_cfg.pretrain_steps > 0:
+        from .pretrain import pretrain_backbone
+
+        pre = pretrain_backbone(body, model_cfg.backbone, dataset, train_cfg, model_cfg.num_classes, device,
+                                progress, max_seconds=pretrain_seconds(train_cfg))
+        what = "box and background crops" if train_cfg.pretrain_background else "box crops"
+        parts.append(f"the training set's {what} ({pre.steps} steps, held-out accuracy {pre.accuracy:.3f})")
+        net, details = pre.classifier, pre.to_dict()
+    if train_cfg.pretrain_dense_steps > 0:
+        from .dense_pretrain import dense_pretrain
+
+        dense = dense_pretrain(net, body, dataset, model_cfg, train_cfg, device, progress,
+                               max_seconds=dense_pretrain_seconds(train_cfg))
+        parts.append(f"windows of its images at the detector's scale ({dense.steps} steps, centre-cell "
+                     f"accuracy {dense.accuracy:.3f})")
+        details.update(dense.to_dict())
+    kind = "pretrained-crops" if train_cfg.pretrain_steps > 0 else "pretrained-dense"
+    return BackboneStart(kind, "self-pretrained on " + ", then ".join(parts), details)
 
 
 def backbone_start_part(model: nn.Module, train_set, cfg: TrainConfig, device: torch.device, progress: bool,

@@ -127,6 +127,44 @@ def _normalise(crops: Tensor) -> Tensor:
     return TF.normalize(crops.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
 
 
+class StepsInTime:
+    """A pretraining phase's step count, fitted to its time: the first step is not timed (it pays for
+    kernel selection and memory); the count is fitted after FIT_AFTER steps, re-measured every
+    REFIT_EVERY (a busy machine's speed drifts) and at the last step (a too-short first estimate can
+    still grow back). Never more than `planned`; max_seconds None: exactly `planned`."""
+
+    def __init__(self, planned: int, max_seconds: float | None, t0: float, clock, what: str):
+        self.planned = self.total = planned
+        self.max_seconds, self.t0, self.clock, self.what = max_seconds, t0, clock, what
+        self.t_steps = None
+
+    def update(self, step: int) -> int:
+        """Call before step `step` (0-based); -> the steps the phase now runs."""
+        if step == 1:
+            self.t_steps = self.clock()
+        timed = step - 1
+        if self.max_seconds is not None and timed >= FIT_AFTER and (
+                timed == FIT_AFTER or step % REFIT_EVERY == 0 or step == self.total - 1):
+            now = self.clock()
+            per_step = (now - self.t_steps) / timed
+            fitted = min(self.planned, max(step + 1, step + int((self.max_seconds - (now - self.t0)) / per_step)))
+            if fitted != self.total:
+                # said once, and again only when the estimate moves by a tenth or more
+                moved = self.total == self.planned or abs(fitted - self.total) >= 0.1 * self.total
+                (log.info if moved else log.debug)("%s fitted to its time (%.1f min): %d steps of %d", self.what,
+                                                   self.max_seconds / 60, fitted, self.planned)
+                self.total = fitted
+        return self.total
+
+
+def load_net_into_body(net: nn.Module, body: nn.Module) -> None:
+    """A torchvision ResNet's conv1..layer4 weights and batch statistics into a `ResNetBody`."""
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise RuntimeError(f"pretrained backbone does not fit: missing {missing}, unexpected {unexpected}")
+
+
 @dataclass
 class PretrainResult:
     accuracy: float  # on the held-out crops (nan when there are fewer than 20 crops)
@@ -171,29 +209,13 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device) == "bf16")
     bs = min(cfg.pretrain_batch_size, len(train))
-    planned = total = pretrain_steps_for(cfg)
-    bar = tqdm(total=total, desc="pretrain backbone", disable=not progress, dynamic_ncols=True, unit="step")
+    fit = StepsInTime(pretrain_steps_for(cfg), max_seconds, t0, clock, "backbone pretraining")
+    bar = tqdm(total=fit.total, desc="pretrain backbone", disable=not progress, dynamic_ncols=True, unit="step")
     net.train()
-    step, t_steps = 0, None
-    while step < total:
-        # the first step is not timed (it pays for kernel selection and memory); the count is fitted after
-        # a few steps, re-measured every REFIT_EVERY (a busy machine's speed drifts) and at the last step
-        # (a too-short first estimate can still grow back)
-        if step == 1:
-            t_steps = clock()
-        timed = step - 1
-        if max_seconds is not None and timed >= FIT_AFTER and (
-                timed == FIT_AFTER or step % REFIT_EVERY == 0 or step == total - 1):
-            now = clock()
-            per_step = (now - t_steps) / timed
-            fitted = min(planned, max(step + 1, step + int((max_seconds - (now - t0)) / per_step)))
-            if fitted != total:
-                # said once, and again only when the estimate moves by a tenth or more
-                say = log.info if total == planned or abs(fitted - total) >= 0.1 * total else log.debug
-                say("backbone pretraining fitted to its time (%.1f min): %d steps of %d", max_seconds / 60,
-                    fitted, planned)
-                total = bar.total = fitted
-        lr = cfg.pretrain_lr * lr_factor(step, total, "cosine")
+    step = 0
+    while step < fit.total:
+        bar.total = fit.update(step)
+        lr = cfg.pretrain_lr * lr_factor(step, fit.total, "cosine")
         for group in opt.param_groups:
             group["lr"] = lr
         pick = train[torch.randint(len(train), (bs,), generator=g)]
@@ -216,10 +238,7 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
         with torch.no_grad(), torch.autocast(**amp):
             pred = torch.cat([net(_normalise(crops[val[i:i + 256]]).to(device)).argmax(1).cpu() for i in range(0, n_val, 256)])
         accuracy = float((pred == labels[val]).float().mean())
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
-        raise RuntimeError(f"pretrained backbone does not fit: missing {missing}, unexpected {unexpected}")
+    load_net_into_body(net, body)
     log.info("backbone pretrained on %d crops (%s) for %d steps: held-out accuracy %.3f", len(crops),
              "boxes and background" if background else "boxes", step, accuracy)
     return PretrainResult(accuracy, len(crops), net, step)

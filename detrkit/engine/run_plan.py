@@ -17,12 +17,18 @@ from .state import Plan, RunState
 log = logging.getLogger(__name__)
 
 PRETRAIN_SHARE = 0.2
-CACHE_SHARE = 0.3  # with the pretraining's share, at least half of the budget is left to DETR itself
+DENSE_SHARE = 0.2  # the dense pretraining's, after the crops'
+CACHE_SHARE = 0.3  # with the pretraining's shares, at least 30% of the budget is left to DETR itself
 
 
 def pretrain_seconds(cfg: TrainConfig) -> float | None:
     """The most the backbone pretraining may take under --max-minutes (None: no limit)."""
     return cfg.max_minutes * 60 * PRETRAIN_SHARE if cfg.max_minutes else None
+
+
+def dense_pretrain_seconds(cfg: TrainConfig) -> float | None:
+    """The most the dense backbone pretraining may take under --max-minutes (None: no limit)."""
+    return cfg.max_minutes * 60 * DENSE_SHARE if cfg.max_minutes else None
 
 
 def cache_seconds(cfg: TrainConfig, elapsed: float) -> float | None:
@@ -43,9 +49,14 @@ def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: i
     lines = [f"plan: {train_images} training images, {val_images or 0} validation images; time budget "
              + (f"{budget:g} min for everything below" if budget else "none (epochs / --max-steps end the run)")]
     n = 1
-    if pretraining:
+    if pretraining and cfg.pretrain_steps > 0:
         share = f", at most {budget * PRETRAIN_SHARE:.1f} min" if budget else ""
         lines.append(f"  {n}. backbone pretraining on box crops: {pretrain_steps_for(cfg)} steps{share}")
+        n += 1
+    if pretraining and cfg.pretrain_dense_steps > 0:
+        share = f", at most {budget * DENSE_SHARE:.1f} min" if budget else ""
+        steps = min(cfg.pretrain_dense_steps, cfg.max_steps or cfg.pretrain_dense_steps)
+        lines.append(f"  {n}. dense backbone pretraining on windows at the detector's scale: {steps} steps{share}")
         n += 1
     if cfg.cache_views > 0:
         share = (f", at most {budget * CACHE_SHARE:.1f} min (fewer views if more would take longer)"

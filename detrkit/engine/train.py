@@ -203,7 +203,8 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
     run_log = RunLog(run_dir, progress, budget.clock)
     train_set = data.train_set
-    pretraining = not resumed and init_weights is None and train_cfg.pretrain_steps > 0
+    pretraining = (not resumed and init_weights is None
+                   and (train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0))
     if main:
         if not resumed:
             log_preflight(data.train_index, model_cfg, train_cfg, state.total_steps)

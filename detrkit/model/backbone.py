@@ -22,16 +22,17 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
         return torch.addcmul(shift.to(x.dtype)[:, None, None], x, scale.to(x.dtype)[:, None, None])
 
 
-def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
-    """DC5 for basic-block ResNets (torchvision only dilates bottlenecks): the first block keeps
-    dilation 1 but loses its stride, later blocks use dilation 2, as torchvision does for bottlenecks."""
-    first = layer4[0]
-    first.conv1.stride = (1, 1)
-    if first.downsample is not None:
-        first.downsample[0].stride = (1, 1)
+def dilate_layer4(layer4: nn.Sequential) -> None:
+    """DC5 in place, for any torchvision ResNet's layer4 (torchvision itself only dilates bottlenecks, and
+    only when building): the first block loses its stride and keeps dilation 1, every later block's 3x3
+    convolutions take dilation 2, as torchvision does for bottlenecks."""
+    for conv in layer4[0].modules():
+        if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+            conv.stride = (1, 1)
     for block in list(layer4)[1:]:
-        for conv in (block.conv1, block.conv2):
-            conv.dilation, conv.padding = (2, 2), (2, 2)
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 class ResNetBody(nn.Module):
@@ -77,10 +78,9 @@ class Backbone(nn.Module):
         basic = name in ("resnet18", "resnet34")
         resnet = getattr(torchvision.models, name)(
             weights=weights, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
-            replace_stride_with_dilation=[False, False, dilation and not basic],
         )
-        if dilation and basic:
-            _dilate_basic_layer4(resnet.layer4)
+        if dilation:
+            dilate_layer4(resnet.layer4)
         self.body = ResNetBody(resnet)
         self.num_channels = 512 if basic else 2048
         for pname, p in self.body.named_parameters():
