@@ -104,14 +104,20 @@ def shared_backbone(dataset: str, train_json: Path, model_cfg: ModelConfig, trai
     from detrkit.engine.backbone_start import start_backbone
     from detrkit.model import build_model
 
-    tag = f"{model_cfg.backbone}-{train_cfg.pretrain_steps}-{int(train_cfg.pretrain_background)}-{train_cfg.seed}"
+    tag = (f"{model_cfg.backbone}-{train_cfg.pretrain_steps}-{int(train_cfg.pretrain_background)}-"
+           f"{train_cfg.pretrain_dense_steps}-{train_cfg.seed}")
     path = data_root / dataset / f"backbone-{tag}.pth"
     info = path.with_suffix(".json")
     if path.exists() and info.exists():
         return path, json.loads(info.read_text())["minutes"]
+    from detrkit.engine.input_fit import fit_to_data
+
     index = load_coco(train_json)
+    # the sizes the run will train at (the dense phase works at the detector's input scale)
+    model_cfg, train_cfg, _ = fit_to_data(index, model_cfg.with_classes(index.class_names, index.category_ids),
+                                          train_cfg)
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg.with_classes(index.class_names, index.category_ids))
+    model = build_model(model_cfg)
     t0 = time.monotonic()
     start = start_backbone(model, model.cfg, dataclasses.replace(train_cfg, backbone_weights="none"),
                            DetectionDataset(index), __import__("torch").device("cpu"), progress=False)
@@ -172,7 +178,8 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
     train_cfg: TrainConfig = _override(_override(p.train, VARIANTS[variant]), sets)
     train_cfg.max_minutes = minutes
     pretrain_minutes = None
-    if reuse_backbone and train_cfg.backbone_weights == "none" and train_cfg.pretrain_steps > 0:
+    if reuse_backbone and train_cfg.backbone_weights == "none" and (train_cfg.pretrain_steps > 0
+                                                                    or train_cfg.pretrain_dense_steps > 0):
         path, pretrain_minutes = shared_backbone(dataset, train_json, model_cfg, train_cfg, out / "data")
         train_cfg.backbone_weights = str(path)
     run_dir = out / "runs" / f"{dataset}-{variant}-{time.strftime('%H%M%S')}"

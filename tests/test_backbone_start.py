@@ -126,6 +126,7 @@ def test_self_pretraining_learns_on_a_one_class_dataset(tmp_path):
     model = build_model(tiny_model().with_classes(index.class_names, index.category_ids))
     cfg = get_preset("detr-tiny").train
     cfg.pretrain_steps, cfg.pretrain_batch_size, cfg.pretrain_crop_size, cfg.amp = 60, 32, 32, "none"
+    cfg.pretrain_dense_steps = 0  # the crop phase alone (the dense one has its own tests)
     start = start_backbone(model, model.cfg, cfg, DetectionDataset(index), torch.device("cpu"), progress=False)
     assert start.kind == "pretrained-crops" and "background" in start.description
     assert start.details["pretrain_accuracy"] > 0.75
