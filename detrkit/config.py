@@ -274,10 +274,10 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=100, clip_max_norm=0.1, amp="auto", num_workers=1, eval_every_epochs=8,
             train_scales=[128, 144, 160], train_max_size=224, crop_resize=[112, 128], crop_size=[96, 128],
             pretrain_steps=300, cache_views=3, cache_images=12000, fit_schedule_to_time=True, fit_to_data=True,
-            # then windows at the detector's scale, each cell naming the object centred near it: on the hard
-            # synthetic set a linear probe on the frozen centre-cell features went from 0.38 to 0.50 (chance
-            # 0.27) and DETR's AP50 from 0.005 to 0.21 (engine/dense_pretrain.py; fitted to its time share)
-            pretrain_dense_steps=400,
+            # dense pretraining (pretrain_dense_steps, engine/dense_pretrain.py) stays off: in 15 float32 minutes
+            # its time costs DETR more steps than it saves on the main job (AP 0.253 / 0.275 with 175 / 267 dense
+            # steps, 0.306 without) and BCCD (0.049 at 447 steps); on data whose frozen crop features name
+            # little (hard: AP50 0.005) --set pretrain_dense_steps=400 is the fix
             # training-only convergence switch (engine/convergence.py): the decoder also learns from noised
             # ground truth; inference and the weights stay plain DETR. Group queries (query_groups=3) doubled
             # the step time for no gain per minute: main job, 15 idle float32 minutes, AP50 0.267 with them
@@ -287,7 +287,7 @@ PRESETS: dict[str, Preset] = {
             # 0.627) against 0.246 (0.529) without it; AP50 0.365 / 0.559 at steps 1000 / 2000 against 0.289 / 0.540
             enc_aux_coef=1.0,
         ),
-        "ResNet-18 (pretrained on box and background crops, then densely on windows, frozen), width 128, 2+3 layers, 20 queries, "
+        "ResNet-18 (pretrained on box and background crops, frozen), width 128, 2+3 layers, 20 queries, "
         "128-160 px, denoising queries and an encoder head in training: the CPU default of the main job",
     ),
     # detr-tiny for small objects: stride-16 features (DC5) at 224-288 px, so a 10 px object covers most

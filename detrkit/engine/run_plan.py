@@ -16,12 +16,11 @@ from .state import Plan, RunState
 
 log = logging.getLogger(__name__)
 
-# the shares of --max-minutes that each phase may take at most; with all three, at least half is left to
-# DETR itself. Main job, 15 min: with 0.2 / 0.2 / 0.3 the dense start gave AP 0.230 at step 1000 (0.131
-# without it) but only 1513 steps; BCCD got 447 steps at 0.64 s each and AP50 0.049
-PRETRAIN_SHARE = 0.15
-DENSE_SHARE = 0.15  # the dense pretraining's, after the crops'
-CACHE_SHARE = 0.2
+# the most of --max-minutes each phase may take. Dense pretraining (off in detr-tiny) needs its steps:
+# on hard, 161 steps in 15% of 15 min gave DETR AP50 0.040, 400 steps 0.21 (docs/convergence.md)
+PRETRAIN_SHARE = 0.2
+DENSE_SHARE = 0.25  # the dense pretraining's, after the crops'
+CACHE_SHARE = 0.3  # with the crops' share, at least half of the budget is left to DETR itself
 
 
 def pretrain_seconds(cfg: TrainConfig) -> float | None:
