@@ -77,3 +77,17 @@ def test_dc5_dilation_matches_torchvision_for_bottlenecks():
         # channels-last against NCHW convolutions: float32 rounding only (a wrong stride or dilation is O(1))
         torch.testing.assert_close(ours(x), _features(ref, x), rtol=1e-3, atol=1e-3)
     assert ours(x).shape[-1] == 6  # stride 16
+
+
+def test_dense_pretraining_on_unreadable_images_stops_with_a_clear_error(tmp_path):
+    import pytest
+
+    path = tiny_data(tmp_path / "data", 4)
+    for image in (tmp_path / "data").rglob("*.png"):
+        image.write_bytes(b"not a png")
+    index = load_coco(path)
+    model_cfg = tiny_model().with_classes(index.class_names, index.category_ids)
+    body = build_model(model_cfg).backbone.body
+    with pytest.raises(ValueError, match="dense backbone pretraining read no image"):
+        dense_pretrain(None, body, DetectionDataset(index), model_cfg, tiny_train(pretrain_dense_steps=5),
+                       torch.device("cpu"), progress=False)

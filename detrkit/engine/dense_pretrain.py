@@ -14,6 +14,9 @@ offsets, L1 + GIoU, cells within 1.5 cells of a centre) on the ResNet's last fea
 inputs are the run's own training augmentation, cut into windows of WINDOW_CELLS x WINDOW_CELLS cells:
 the pixel scale of the detector's input, at a fraction of the cost of whole images. Its batch
 statistics come from those windows too, which is what the frozen batch norm then keeps.
+
+It costs time that DETR then lacks: in 15 float32 minutes on 2 cores it gave the main job and BCCD
+fewer steps than it saved, so `detr-tiny` leaves it off (docs/convergence.md).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 WINDOW_CELLS = 5  # a window's side in feature cells (160 px at stride 32)
 MIN_VISIBLE = 0.25  # an object cut by the window keeps its label when this share of its area is inside
 BATCH = 16
+MAX_EMPTY_BATCHES = 10  # batches in a row with no readable image: the data is broken, not unlucky
 EVAL_IMAGES = 64  # training images (whole, at the inference size) the centre-cell accuracy is measured on
 
 
@@ -102,7 +106,7 @@ def dense_pretrain(net: nn.Module | None, body: nn.Module, dataset: DetectionDat
     planned = min(cfg.pretrain_dense_steps, cfg.max_steps) if cfg.max_steps is not None else cfg.pretrain_dense_steps
     fit = StepsInTime(planned, max_seconds, t0, clock, "dense backbone pretraining")
     bar = tqdm(total=fit.total, desc="dense pretrain", disable=not progress, dynamic_ncols=True, unit="step")
-    skipped, step = 0, 0
+    skipped, step, empty = 0, 0, 0
     while step < fit.total:
         bar.total = fit.update(step)
         for group in opt.param_groups:
@@ -114,6 +118,10 @@ def dense_pretrain(net: nn.Module | None, body: nn.Module, dataset: DetectionDat
                 skipped += 1
                 continue
             batch.append(window(*item, side, g))
+        empty = 0 if batch else empty + 1
+        if empty >= MAX_EMPTY_BATCHES:
+            raise ValueError(f"{dataset.index.source}: dense backbone pretraining read no image in "
+                             f"{empty * BATCH} draws: the training images are unreadable")
         if not batch:
             continue
         x, mask = pad_images([b[0] for b in batch])
