@@ -33,10 +33,10 @@ from ..config import ModelConfig, TrainConfig
 from ..data.dataset import BadSample, DetectionDataset
 from ..data.transforms import make_transforms
 from ..device import resolve_amp
-from ..model.backbone import dilate_layer4, feature_mask
+from ..model.backbone import ResNetBody, dilate_layer4, feature_mask
 from ..model.detr import pad_images
 from .convergence import ENC_FOCAL_WEIGHT, EncoderHead, encoder_losses
-from .pretrain import StepsInTime, load_net_into_body
+from .pretrain import StepsInTime, load_net_into_body, optimizer_step
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ def window(image: Tensor, target: dict, side: int, generator: torch.Generator) -
 
 
 def _features(net: nn.Module, x: Tensor) -> Tensor:
-    """conv1..layer4 of a torchvision ResNet: [B,3,H,W] -> [B,C,H/32,W/32]."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    """conv1..layer4 of a torchvision ResNet (the detector's own body over the same modules):
+    [B,3,H,W] -> [B,C,H/32,W/32]."""
+    return ResNetBody(net)(x)
 
 
 @dataclass
@@ -126,20 +126,15 @@ def dense_pretrain(net: nn.Module | None, body: nn.Module, dataset: DetectionDat
             continue
         x, mask = pad_images([b[0] for b in batch])
         with torch.autocast(**amp):
-            f = _features(net, x.to(device).contiguous(memory_format=torch.channels_last))
+            f = _features(net, x.to(device))
             logits, offsets = head(f.flatten(2).transpose(1, 2))
         targets = [{k: b[1][k].to(device) for k in ("boxes", "labels")} for b in batch]
         losses = encoder_losses({"logits": logits, "offsets": offsets, "mask": feature_mask(mask.to(device), f)},
                                 targets, num_classes)
         loss = (ENC_FOCAL_WEIGHT * losses["loss_enc_focal"] + cfg.bbox_loss_coef * losses["loss_enc_bbox"]
                 + cfg.giou_loss_coef * losses["loss_enc_giou"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(opt, loss, bar, step)
         step += 1
-        bar.update(1)
     bar.close()
     if skipped:
         log.warning("dense backbone pretraining: %d unreadable training image(s) skipped", skipped)

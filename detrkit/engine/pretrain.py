@@ -157,6 +157,16 @@ class StepsInTime:
         return self.total
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, bar, step: int) -> None:
+    """One pretraining step's backward and update; the bar shows the loss every 10 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if step % 10 == 0:
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.update(1)
+
+
 def load_net_into_body(net: nn.Module, body: nn.Module) -> None:
     """A torchvision ResNet's conv1..layer4 weights and batch statistics into a `ResNetBody`."""
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
@@ -224,13 +234,8 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         with torch.autocast(**amp):
             loss = F.cross_entropy(net(x).float(), labels[pick].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(opt, loss, bar, step)
         step += 1
-        bar.update(1)
     bar.close()
     net.eval()
     accuracy = float("nan")
