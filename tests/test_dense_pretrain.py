@@ -42,6 +42,8 @@ def test_dense_pretraining_learns_and_hands_its_net_to_the_frozen_backbone(tmp_p
     body = build_model(model_cfg).backbone.body
     cfg = tiny_train(pretrain_dense_steps=30, pretrain_dense_lr=1e-3)
     net_before = __import__("torchvision").models.resnet18()
+    stem = {k: v.clone() for k, v in net_before.state_dict().items() if k.startswith(("conv1.", "layer1.")) and "weight" in k}
+    last = net_before.layer4[1].conv2.weight.detach().clone()
     result = dense_pretrain(net_before, body, DetectionDataset(index), model_cfg, cfg, torch.device("cpu"),
                             progress=False)
     assert result.steps == 30 and 0.0 <= result.accuracy <= 1.0
@@ -51,6 +53,9 @@ def test_dense_pretraining_learns_and_hands_its_net_to_the_frozen_backbone(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(body(x), _features(net_before, x), rtol=1e-4, atol=1e-4)
     assert not torch.equal(body.bn1.running_var, torch.ones_like(body.bn1.running_var))
+    # after a crop phase the stem keeps its weights (FROZEN); the deeper layers learn
+    assert all(torch.equal(body.state_dict()[k], v) for k, v in stem.items())
+    assert not torch.equal(body.layer4[1].conv2.weight, last)
 
 
 def test_dense_pretraining_alone_is_a_recorded_backbone_start(tmp_path):

@@ -46,6 +46,9 @@ MIN_VISIBLE = 0.25  # an object cut by the window keeps its label when this shar
 BATCH = 16
 MAX_EMPTY_BATCHES = 10  # batches in a row with no readable image: the data is broken, not unlucky
 EVAL_IMAGES = 64  # training images (whole, at the inference size) the centre-cell accuracy is measured on
+# The stem keeps the crop phase's weights: edges and colours need no relearning at the detector's scale, and
+# without their backward a step costs 0.40 s instead of 0.49 (batch 16, 160 px, 2-core float32 Xeon)
+FROZEN = ("conv1", "bn1", "layer1")
 
 
 def window(image: Tensor, target: dict, side: int, generator: torch.Generator) -> tuple[Tensor, dict]:
@@ -89,16 +92,20 @@ def dense_pretrain(net: nn.Module | None, body: nn.Module, dataset: DetectionDat
     training images under the run's own augmentation, then load it into `body` (a `ResNetBody`)."""
     t0 = clock()
     num_classes = model_cfg.num_classes
+    frozen = FROZEN if net is not None else ()  # from random weights the stem must learn too
     if net is None:
         torch.manual_seed(cfg.seed)
         net = getattr(torchvision.models, model_cfg.backbone)()
     if model_cfg.dilation:  # the detector's stride-16 map (the crop phase's classifier is not dilated)
         dilate_layer4(net.layer4)
-    net = net.to(device).train()
+    # channels-last: oneDNN's convolutions (and their backward) run 1.4x faster on windows this size
+    net = net.to(device, memory_format=torch.channels_last).train()
+    for name in frozen:
+        getattr(net, name).requires_grad_(False)
     channels = net.fc.in_features
     head = EncoderHead(channels, num_classes).to(device)
     samples = DetectionDataset(dataset.index, make_transforms(cfg, model_cfg, train=True), skip_bad=True)
-    params = [*net.parameters(), *head.parameters()]
+    params = [p for p in (*net.parameters(), *head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_dense_lr, weight_decay=cfg.weight_decay)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device) == "bf16")
     side = WINDOW_CELLS * (16 if model_cfg.dilation else 32)
@@ -126,7 +133,7 @@ def dense_pretrain(net: nn.Module | None, body: nn.Module, dataset: DetectionDat
             continue
         x, mask = pad_images([b[0] for b in batch])
         with torch.autocast(**amp):
-            f = _features(net, x.to(device))
+            f = _features(net, x.to(device, memory_format=torch.channels_last))
             logits, offsets = head(f.flatten(2).transpose(1, 2))
         targets = [{k: b[1][k].to(device) for k in ("boxes", "labels")} for b in batch]
         losses = encoder_losses({"logits": logits, "offsets": offsets, "mask": feature_mask(mask.to(device), f)},
