@@ -168,6 +168,23 @@ def machine(device: str) -> str:
     return f"{name}, {'bf16' if amp == 'bf16' else 'float32'}"
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, total) CPU ticks since boot from /proc/stat (None elsewhere). On a shared virtual machine
+    the host may take a third of the time a run was given; its minutes then buy far fewer steps."""
+    try:
+        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def stolen_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """The share of the CPU time between two `cpu_ticks` readings that the host gave to others."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, sets: dict,
             device: str = "cpu", reuse_backbone: bool = False) -> dict:
     from detrkit.engine.train import train
@@ -183,7 +200,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
         path, pretrain_minutes = shared_backbone(dataset, train_json, model_cfg, train_cfg, out / "data")
         train_cfg.backbone_weights = str(path)
     run_dir = out / "runs" / f"{dataset}-{variant}-{time.strftime('%H%M%S')}"
-    load_start = os.getloadavg()
+    load_start, ticks_start = os.getloadavg(), cpu_ticks()
     t0 = time.monotonic()
     step_minutes: dict[int, float] = {}
 
@@ -201,6 +218,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
         "minutes": result.seconds / 60, "status": result.status,
         **{f"min_to_{t}": first_reach(evals, step_minutes, t) for t in THRESHOLDS},
         "load_start": load_start[0], "load_end": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "cpu_stolen": stolen_share(ticks_start, cpu_ticks()),
         "machine": machine(device),
         "threads": __import__("torch").get_num_threads(),
         "sets": sets, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -220,8 +238,8 @@ def _fmt(v, digits=3) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| dataset | preset | variant | budget (min) | AP | AP50 | APs | steps | minutes | min to AP50 0.3 | "
-             "min to AP50 0.5 | load avg (start/end) | machine | settings |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "min to AP50 0.5 | load avg (start/end) | CPU stolen | machine | settings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], list(VARIANTS).index(r["variant"]), r["date"])):
         sets = ", ".join(f"{k}={v}" for k, v in r.get("sets", {}).items()) or "-"
         if r.get("shared_backbone_minutes") is not None:
@@ -231,7 +249,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['preset']} | {r['variant']} | {r['budget_min']:g} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
             f"{_fmt(r['APs'])} | {r['steps']} | {r['minutes']:.1f} | {_fmt(r['min_to_0.3'], 1)} | "
-            f"{_fmt(r['min_to_0.5'], 1)} | {r['load_start']:.1f} / {r['load_end']:.1f} | "
+            f"{_fmt(r['min_to_0.5'], 1)} | {r['load_start']:.1f} / {r['load_end']:.1f} | {_fmt(r.get('cpu_stolen'), 2)} | "
             f"{r.get('machine', 'Intel Xeon (AMX), 2 cores, bf16')} | {sets} |")
     return "\n".join(lines)
 
