@@ -235,3 +235,31 @@ def test_a_small_set_caches_more_views_up_to_the_ceiling():
     assert planned_views(cfg, 100000) == 3  # never fewer than cache_views
     assert planned_views(TrainConfig(cache_views=3, lr_backbone=0), 10) == 3  # cache_images 0: exactly cache_views
     assert planned_views(TrainConfig(cache_views=0, cache_images=12000), 10) == 0  # caching off stays off
+
+
+def test_stuff_gives_patches_of_its_region_and_no_background_class(tmp_path):
+    """Panoptic-style data (categories with isthing 0): a stuff crop is a patch inside its region, not the
+    whole region box squashed with a margin of its neighbours, and with every pixel labelled no crop is
+    "background"."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    pixels = torch.zeros(64, 96, 3, dtype=torch.uint8)
+    pixels[:32, :, 2] = 255  # sky: blue, rows 0-31
+    pixels[32:, :, 1] = 255  # ground: green, rows 32-63
+    pixels[40:56, 10:26] = torch.tensor([255, 0, 0], dtype=torch.uint8)  # a red square thing
+    Image.fromarray(pixels.numpy()).save(tmp_path / "images" / "a.png")
+    anns = [{"id": 1, "image_id": 1, "category_id": 10, "bbox": [0, 0, 96, 32], "area": 3072, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 11, "bbox": [0, 32, 96, 32], "area": 2816, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [10, 40, 16, 16], "area": 256, "iscrowd": 0}]
+    cats = [{"id": 1, "name": "square", "isthing": 1}, {"id": 10, "name": "sky", "isthing": 0},
+            {"id": 11, "name": "ground", "isthing": 0}]
+    (tmp_path / "a.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "images/a.png", "width": 96,
+                                                              "height": 64}], "annotations": anns, "categories": cats}))
+    index = load_coco(tmp_path / "a.json")
+    assert index.stuff_ids == frozenset({10, 11})
+    crops, labels = box_crops(DetectionDataset(index), 16, torch.Generator().manual_seed(0), background=True)
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # square, sky, ground; no background (3)
+    sky, ground = crops[labels == 1].float(), crops[labels == 2].float()
+    assert (sky[:, 2] > 250).all() and (sky[:, :2] < 5).all()  # all blue: nothing of the ground below
+    assert (ground[:, 2] < 5).all()  # no sky in a ground patch (the red thing may be in it)

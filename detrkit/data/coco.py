@@ -143,9 +143,12 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
     where = str(json_path)
 
     categories: dict[int, str] = {}
+    stuff: set[int] = set()
     for c, cid in _first_of_each_id(data["categories"], ("id", "name"), "category", json_path, problems,
                                     lambda c, cid: f"names {categories[cid]!r}, {c['name']!r}"):
         categories[cid] = str(c["name"])
+        if c.get("isthing", 1) in (0, False):  # COCO panoptic's flag, kept in instance files derived from it
+            stuff.add(cid)
 
     images: dict[int, ImageRecord] = {}
     if images_dir is not None and not images_dir.is_dir():
@@ -206,6 +209,7 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
         categories=sorted(categories.items()),
         source=json_path,
         problems=problems,
+        stuff_ids=frozenset(stuff),
     )
 
 

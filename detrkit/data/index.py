@@ -47,6 +47,8 @@ class DatasetIndex:
     categories: list[tuple[int, str]]  # (dataset category id, name), sorted by id
     source: Path
     problems: list[Problem] = field(default_factory=list)
+    # category ids of stuff (COCO panoptic's isthing 0: regions such as sky, not countable objects)
+    stuff_ids: frozenset[int] = frozenset()
 
     @property
     def category_ids(self) -> list[int]:

@@ -177,7 +177,7 @@ def make_synthetic_panoptic(out_dir: str | os.PathLike, num_images: int = 200, s
     (out / "annotations.json").write_text(json.dumps({
         "info": {"description": "detrkit synthetic panoptic", "seed": seed},
         "images": images, "annotations": inst_anns,
-        "categories": [{k: c[k] for k in ("id", "name", "supercategory")} for c in categories]}))
+        "categories": [{k: c[k] for k in ("id", "name", "supercategory", "isthing")} for c in categories]}))
     log.info("wrote %d panoptic images to %s", num_images, out)
     return path
 

@@ -68,7 +68,7 @@ def self_pretrain(body: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
 
         pre = pretrain_backbone(body, model_cfg.backbone, dataset, train_cfg, model_cfg.num_classes, device,
                                 progress, max_seconds=pretrain_seconds(train_cfg))
-        what = "box and background crops" if train_cfg.pretrain_background else "box crops"
+        what = "box and background crops" if pre.background else "box crops"
         parts.append(f"the training set's {what} ({pre.steps} steps, held-out accuracy {pre.accuracy:.3f})")
         net, details = pre.classifier, pre.to_dict()
     if train_cfg.pretrain_dense_steps > 0:

