@@ -277,6 +277,32 @@ def test_the_detector_cache_keeps_to_its_share_of_the_time(setup, tmp_path, monk
     assert "cached the frozen detector's outputs for 2 view(s) x 6 images" in caplog.text
 
 
+def test_the_head_uses_its_time_when_the_first_steps_are_slow(setup, tmp_path, monkeypatch):
+    """30 s; steps 0-9 take 1 s, later ones 0.1 s (on a fake clock). A count fitted once to the slow start
+    ended at 75 steps, after 16.5 s; re-measured as it goes it grows to fill the time: 10 + ~200 steps."""
+    from detrkit.engine import panoptic
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    real_step = panoptic._step
+
+    def timed_step(run, loss_fn, inputs, targets, step, total):
+        clock.now += 1.0 if step < 10 else 0.1
+        return real_step(run, loss_fn, inputs, targets, step, total)
+
+    monkeypatch.setattr(panoptic, "_step", timed_step)
+    root, train_json, _ = setup
+    res = train_mask_head(root / "detector", train_json, None, tmp_path / "run", batch_size=3, epochs=1000,
+                          max_minutes=0.5, progress=False, clock=clock)
+    assert 195 <= res.steps <= 211
+    assert clock.now <= 30.2
+
+
 def test_train_masks_help_names_the_caching_share():
     import argparse
 

@@ -13,6 +13,9 @@ from .state import RunState
 log = logging.getLogger(__name__)
 
 FIT_AFTER_STEPS = 50  # the speed is measured past start-up (and past warmup)
+# a phase's steps (StepsInTime) timed before its step count is fitted to its time, and how often re-fitted
+PHASE_FIT_AFTER = 3
+PHASE_REFIT_EVERY = 10
 
 
 class TimeBudget:
@@ -56,3 +59,33 @@ class ScheduleFitter:
             log.info("schedule fitted to the time left: %d steps (was %d; %.3f s/step)", fitted,
                      state.total_steps, per_step)
             state.total_steps = fitted
+
+
+class StepsInTime:
+    """A phase's step count (backbone pretraining, the mask head), fitted to its time: the first step is not timed (it pays for
+    kernel selection and memory); the count is fitted after PHASE_FIT_AFTER steps, re-measured every
+    PHASE_REFIT_EVERY (a busy machine's speed drifts) and at the last step (a too-short first estimate can
+    still grow back). Never more than `planned`; max_seconds None: exactly `planned`."""
+
+    def __init__(self, planned: int, max_seconds: float | None, t0: float, clock, what: str):
+        self.planned = self.total = planned
+        self.max_seconds, self.t0, self.clock, self.what = max_seconds, t0, clock, what
+        self.t_steps = None
+
+    def update(self, step: int) -> int:
+        """Call before step `step` (0-based); -> the steps the phase now runs."""
+        if step == 1:
+            self.t_steps = self.clock()
+        timed = step - 1
+        if self.max_seconds is not None and timed >= PHASE_FIT_AFTER and (
+                timed == PHASE_FIT_AFTER or step % PHASE_REFIT_EVERY == 0 or step == self.total - 1):
+            now = self.clock()
+            per_step = (now - self.t_steps) / timed
+            fitted = min(self.planned, max(step + 1, step + int((self.max_seconds - (now - self.t0)) / per_step)))
+            if fitted != self.total:
+                # said once, and again only when the estimate moves by a tenth or more
+                moved = self.total == self.planned or abs(fitted - self.total) >= 0.1 * self.total
+                (log.info if moved else log.debug)("%s fitted to its time (%.1f min): %d steps of %d", self.what,
+                                                   self.max_seconds / 60, fitted, self.planned)
+                self.total = fitted
+        return self.total

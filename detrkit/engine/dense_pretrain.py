@@ -36,7 +36,8 @@ from ..device import resolve_amp
 from ..model.backbone import ResNetBody, dilate_layer4, feature_mask
 from ..model.detr import pad_images
 from .convergence import ENC_FOCAL_WEIGHT, EncoderHead, encoder_losses
-from .pretrain import StepsInTime, load_net_into_body, optimizer_step
+from .budget import StepsInTime
+from .pretrain import load_net_into_body, optimizer_step
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)

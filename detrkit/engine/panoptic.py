@@ -35,6 +35,7 @@ from ..matching import HungarianMatcher
 from ..model.segmentation import DETRSegmentation
 from ..panoptic_postprocess import PANOPTIC_THRESHOLD, instance_masks, panoptic_postprocess
 from ..panoptic_quality import PQStat
+from .budget import StepsInTime
 from .feature_cache import CacheLimit
 from .mask_cache import MaskHeadCache, cached_batch
 from .run_data import SeededSamples
@@ -94,7 +95,6 @@ def _matched_queries(indices: list[tuple[torch.Tensor, torch.Tensor]], device) -
     return rows.to(device), [j for _, j in indices]
 
 
-FIT_AFTER_STEPS = 30  # the cosine is fitted to the time left once this many steps have measured the speed
 CACHE_SHARE = 0.35  # of max_minutes at most for caching the frozen detector: most of the time trains the head
 
 
@@ -224,12 +224,12 @@ def _detector_cache(run: _HeadRun, train_set: PanopticDataset, views: int, batch
 def _train_loop(run: _HeadRun, dataset, loss_fn, log_path: Path, batch_size: int, total: int, seed: int,
                 progress: bool) -> tuple[int, int]:
     """Shuffled epochs (a cache serves view e mod views in epoch e) until `total` steps or the time is up;
-    with a time budget the cosine is fitted to the time left after FIT_AFTER_STEPS. -> (steps, bad samples)."""
+    with a time budget the cosine is fitted to the time left (StepsInTime). -> (steps, bad samples)."""
     step, bad_count, window, wn, epoch = 0, 0, {}, 0, 0
     bar = tqdm(total=total, disable=not progress, desc="mask head" if not run.joint else "joint", unit="step")
-    fitted = run.max_seconds is None
+    # re-measured as it goes: one early estimate (first steps are slower) left minutes of the budget unused
+    fit = StepsInTime(total, run.max_seconds, run.t0, run.clock, "mask head")
     gen = torch.Generator().manual_seed(seed)
-    start = run.clock()  # after any caching: the fit measures the steps alone
     while True:
         if isinstance(dataset, MaskHeadCache):
             dataset.epoch = epoch
@@ -239,6 +239,7 @@ def _train_loop(run: _HeadRun, dataset, loss_fn, log_path: Path, batch_size: int
             bad_count += len(bad)
             for b in bad:
                 log.warning("skipping a bad sample: %s", b)
+            total = bar.total = fit.update(step)
             losses = _step(run, loss_fn, inputs, targets, step, total) if inputs else None
             if losses is None:
                 continue
@@ -250,9 +251,6 @@ def _train_loop(run: _HeadRun, dataset, loss_fn, log_path: Path, batch_size: int
             if step % 10 == 0:
                 _log_window(log_path, bar, step, run.optimizer.param_groups[0]["lr"], window, wn)
                 window, wn = {}, 0
-            if not fitted and step == FIT_AFTER_STEPS:
-                total = bar.total = _fit_to_time(run, step, total, start)
-                fitted = True
             if step >= total or run.out_of_time():
                 bar.close()
                 return step, bad_count
@@ -280,15 +278,6 @@ def _step(run: _HeadRun, loss_fn, inputs: list, targets: list[dict], step: int, 
         torch.nn.utils.clip_grad_norm_(run.params, run.clip_max_norm)
     run.optimizer.step()
     return losses
-
-
-def _fit_to_time(run: _HeadRun, step: int, total: int, start: float) -> int:
-    """The steps that fit in the time left at the speed of the steps since `start` (never more than `total`)."""
-    now = run.clock()
-    per_step = (now - start) / step
-    fitted = min(total, step + max(1, int((run.max_seconds - (now - run.t0)) / per_step)))
-    log.info("mask head: %d steps fit in the time left (%.3f s a step)", fitted, per_step)
-    return fitted
 
 
 def _log_window(log_path: Path, bar, step: int, lr: float, window: dict, n: int) -> None:
