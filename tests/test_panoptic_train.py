@@ -247,6 +247,14 @@ def test_a_short_cached_run_lowers_the_mask_losses_and_evaluates(setup, tmp_path
     assert metrics["steps"] == 20 and 0.0 <= metrics["PQ"] <= 1.0
 
 
+class FakeClock:
+    """Seconds that pass only when a test says so."""
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_the_detector_cache_keeps_to_its_share_of_the_time(setup, tmp_path, monkeypatch, caplog):
     """max_minutes 0.05 (3 s; the cache's share 1.05 s) and a detector that takes 0.25 s a batch (on a
     fake clock): a view of 6 images in batches of 3 takes 0.5 s, so 2 of 3 views are cached, said in words."""
@@ -254,13 +262,7 @@ def test_the_detector_cache_keeps_to_its_share_of_the_time(setup, tmp_path, monk
 
     from detrkit.engine import mask_cache
 
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
-    clock = Clock()
+    clock = FakeClock()
     detect_chunk = mask_cache._detect_chunk
 
     def slow(*args):
@@ -282,13 +284,7 @@ def test_the_head_uses_its_time_when_the_first_steps_are_slow(setup, tmp_path, m
     ended at 75 steps, after 16.5 s; re-measured as it goes it grows to fill the time: 10 + ~200 steps."""
     from detrkit.engine import panoptic
 
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
-    clock = Clock()
+    clock = FakeClock()
     real_step = panoptic._step
 
     def timed_step(run, loss_fn, inputs, targets, step, total):
