@@ -62,10 +62,10 @@ class ScheduleFitter:
 
 
 class StepsInTime:
-    """A phase's step count (backbone pretraining, the mask head), fitted to its time: the first step is not timed (it pays for
-    kernel selection and memory); the count is fitted after PHASE_FIT_AFTER steps, re-measured every
-    PHASE_REFIT_EVERY (a busy machine's speed drifts) and at the last step (a too-short first estimate can
-    still grow back). Never more than `planned`; max_seconds None: exactly `planned`."""
+    """A phase's step count (backbone pretraining, the mask head), fitted to its time: the first step is
+    not timed (it pays for kernel selection and memory); the count is fitted after PHASE_FIT_AFTER steps,
+    re-measured every PHASE_REFIT_EVERY (a busy machine's speed drifts) and at the last step (a too-short
+    first estimate can still grow back). Never more than `planned`; max_seconds None: exactly `planned`."""
 
     def __init__(self, planned: int, max_seconds: float | None, t0: float, clock, what: str):
         self.planned = self.total = planned
