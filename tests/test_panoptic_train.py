@@ -249,7 +249,9 @@ def test_a_short_cached_run_lowers_the_mask_losses_and_evaluates(setup, tmp_path
 
 class FakeClock:
     """Seconds that pass only when a test says so."""
-    now = 0.0
+
+    def __init__(self):
+        self.now = 0.0
 
     def __call__(self):
         return self.now

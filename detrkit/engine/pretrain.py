@@ -120,8 +120,9 @@ def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
             labels.append(label)
 
         for (x0, y0, x1, y1), c in zip(boxes.tolist(), classes.tolist()):
-            for _ in range(PATCHES_PER_STUFF_BOX if c in stuff else CROPS_PER_BOX):
-                if c in stuff:  # a patch of the region: its whole box squashed is a mix of regions
+            is_stuff = c in stuff
+            for _ in range(PATCHES_PER_STUFF_BOX if is_stuff else CROPS_PER_BOX):
+                if is_stuff:  # a patch of the region: its whole box squashed is a mix of regions
                     side = min(x1 - x0, y1 - y0) * (0.3 + 0.4 * float(torch.rand((), generator=generator)))
                     px = x0 + float(torch.rand((), generator=generator)) * (x1 - x0 - side)
                     py = y0 + float(torch.rand((), generator=generator)) * (y1 - y0 - side)
