@@ -89,6 +89,9 @@ class ModelConfig(_DictIO):
     category_ids: list[int] = field(default_factory=list)
     # panoptic: the category ids that are stuff (merged per class by the post-processing); others are things
     stuff_category_ids: list[int] = field(default_factory=list)
+    # panoptic: queries whose best class scores above this are kept (the paper: 0.85; a model trained for
+    # minutes may carry one chosen on held-out images, engine/panoptic_threshold.py)
+    panoptic_threshold: float = 0.85
 
     @property
     def num_classes(self) -> int:
@@ -111,6 +114,9 @@ class ModelConfig(_DictIO):
                               "dec_layers": (1, False), "dim_feedforward": (1, False), "dropout": (0, False),
                               "num_queries": (1, False), "image_size": (1, False), "max_image_size": (1, False)})
         _check(type(self).__name__, "dropout", self.dropout < 1, "below 1", self.dropout)
+        t = self.panoptic_threshold
+        _check(type(self).__name__, "panoptic_threshold", isinstance(t, (int, float)) and not isinstance(t, bool)
+               and 0 <= t < 1, "a number in [0, 1)", t)
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
 

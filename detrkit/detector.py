@@ -182,11 +182,12 @@ class Detector:
 
     @torch.no_grad()
     def predict(self, images: Any, threshold: float | None = 0.5, top_k: int | None = None,
-                batch_size: int = 4, task: str = "detection", panoptic_threshold: float = 0.85) -> list:
+                batch_size: int = 4, task: str = "detection", panoptic_threshold: float | None = None) -> list:
         """One `Detections` per image (boxes in pixels of the original image). Results do not depend
         on batch_size: each image is computed as if alone.
         task="panoptic" (weights with a mask head): one `PanopticResult` per image instead (segment
-        ids at the original size + segments_info), queries kept above `panoptic_threshold` (paper: 0.85)."""
+        ids at the original size + segments_info), queries kept above `panoptic_threshold` (default: the
+        model's own, `config.panoptic_threshold`: the paper's 0.85 unless it was chosen on held-out images)."""
         if task == "panoptic":
             return self._predict_panoptic(images, panoptic_threshold)
         if task != "detection":
@@ -223,7 +224,7 @@ class Detector:
         return results
 
 
-    def _predict_panoptic(self, images: Any, threshold: float) -> list:
+    def _predict_panoptic(self, images: Any, threshold: float | None) -> list:
         if self.segmentation is None:
             raise ValueError("these weights have no mask head: panoptic prediction needs panoptic weights "
                              "(e.g. detr-r50-panoptic, or a model trained with the mask head)")

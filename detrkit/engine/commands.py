@@ -9,7 +9,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from ..argtypes import non_negative_int, positive_float, positive_int
+from ..argtypes import non_negative_int, positive_float, positive_int, probability
 from ..config import DEFAULT_PRESET, build_configs
 from ..device import WEIGHTS_HELP, add_device_argument, add_precision_argument, amp_of
 
@@ -221,8 +221,9 @@ def register(subparsers) -> None:
     e.add_argument("--results", help="write the detections as COCO results JSON (with class names) to this file")
     e.add_argument("--plots", metavar="DIR", help="write PR curves, confusion matrix, prediction mosaic and label "
                                                   "statistics into this folder")
-    e.add_argument("--panoptic-threshold", type=float, default=0.85,
-                   help="panoptic data: queries kept above this score (the paper: 0.85)")
+    e.add_argument("--panoptic-threshold", type=probability, default=None,
+                   help="panoptic data: queries kept above this score (default: the model's own, the paper's 0.85 "
+                        "unless chosen on held-out images when it was trained)")
     add_device_argument(e)
     e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=eval_command)

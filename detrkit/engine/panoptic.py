@@ -127,10 +127,14 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
                     warmup_steps: int = 0, weight_decay: float = 1e-4, clip_max_norm: float = 0.1,
                     scales: list[int] | None = None, max_size: int | None = None, hflip: bool = True,
                     seed: int = 42, device: str = "cpu", progress: bool = True,
-                    eval_threshold: float = PANOPTIC_THRESHOLD, amp: bool = False, cache_views: int = 0,
+                    calib_json: str | os.PathLike | None = None, eval_threshold: float | None = None,
+                    amp: bool = False, cache_views: int = 0,
                     clock: Callable[[], float] | None = None) -> MaskHeadResult:
     """Train the mask head of `weights` (a box detector, or a panoptic model to continue) on a COCO
     panoptic set. Leaves out_dir/final (native panoptic weights), metrics.jsonl and metrics.json (PQ).
+    calib_json: a held-out panoptic set (neither train_json nor val_json) on which the keep threshold
+    is chosen (`panoptic_threshold`) and stored with the weights; without it, the paper's 0.85.
+    eval_threshold: evaluate val_json at this threshold instead of the model's.
     amp: run the frozen detector under bf16 autocast (the head itself trains in float32).
     cache_views > 0 (frozen detector only): run the detector once on that many augmented views of each
     image and train the head on its stored outputs (`mask_cache`), within CACHE_SHARE of max_minutes."""
@@ -150,8 +154,8 @@ def train_mask_head(weights: str | os.PathLike, train_json: str | os.PathLike, v
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     step, bad_count = _train_loop(run, dataset, loss_fn, out / "metrics.jsonl", batch_size, total, seed, progress)
-    return _finish_mask_head(run.model, cfg, val_json, out, step, t0, joint, bad_count, device, eval_threshold,
-                             progress, clock)
+    return _finish_mask_head(run.model, cfg, val_json, out, step, t0, joint, bad_count, device, calib_json,
+                             eval_threshold, progress, clock)
 
 
 def _start_run(weights, train_json, train_index: PanopticIndex, *, joint: bool, lr: float, weight_decay: float,
@@ -334,17 +338,29 @@ def _masks_and_losses(model, matcher, outputs: dict, state: dict, targets: list[
 
 
 def _finish_mask_head(model, cfg, val_json, out: Path, step: int, t0: float, joint: bool, bad_count: int,
-                      device: str, eval_threshold: float, progress: bool, clock=time.monotonic) -> MaskHeadResult:
-    """final/ (native panoptic weights), the PQ evaluation on `val_json` and metrics.json."""
+                      device: str, calib_json, eval_threshold: float | None, progress: bool,
+                      clock=time.monotonic) -> MaskHeadResult:
+    """The keep threshold fitted on `calib_json` (if given), final/ (native panoptic weights), the PQ
+    evaluation on `val_json` (also at the paper's threshold when the fitted one differs) and metrics.json."""
     model.eval()
     from ..weights.native import save_native
+    from .panoptic_threshold import fit_panoptic_threshold
 
+    calibration: dict = {}
+    if calib_json is not None:
+        cfg.panoptic_threshold, pq = fit_panoptic_threshold(model, cfg, calib_json, device=device, progress=progress)
+        calibration = {"calibration_PQ": {f"{t:g}": v for t, v in pq.items()}}
     save_native(model.state_dict(), cfg, out / "final")
     metrics: dict = {}
     if val_json is not None:
         metrics = evaluate_panoptic(model, cfg, val_json, device=device, threshold=eval_threshold, progress=progress)
+        if calibration and metrics["panoptic_threshold"] != PANOPTIC_THRESHOLD:
+            paper = evaluate_panoptic(model, cfg, val_json, device=device, threshold=PANOPTIC_THRESHOLD,
+                                      mask_ap=False, progress=progress)
+            metrics["at_paper_threshold"] = {k: paper[k] for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"type": "eval", "step": step, **_flat(metrics)}) + "\n")
+    metrics.update(calibration)
     seconds = clock() - t0
     summary = {"steps": step, "seconds": round(seconds, 1), "joint": joint, "bad_samples": bad_count, **metrics}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -358,15 +374,68 @@ def _flat(metrics: dict) -> dict:
 # -------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_panoptic(model: DETRSegmentation, cfg: ModelConfig, image_tensor: torch.Tensor,
-                     orig_size: tuple[int, int], threshold: float = PANOPTIC_THRESHOLD) -> tuple:
-    """One normalised image [3,h,w] -> (PanopticResult at orig_size, raw outputs)."""
+                     orig_size: tuple[int, int], threshold: float | None = None) -> tuple:
+    """One normalised image [3,h,w] -> (PanopticResult at orig_size, raw outputs). threshold: the
+    queries kept (default: the model's own, cfg.panoptic_threshold)."""
     out = model([image_tensor])
-    res = panoptic_postprocess(out["pred_logits"][0], out["pred_masks"][0], tuple(image_tensor.shape[-2:]),
-                               orig_size, is_thing_per_class(cfg), cfg.category_ids, cfg.class_names, threshold)
-    return res, out
+    return postprocess_one(out, cfg, tuple(image_tensor.shape[-2:]), orig_size, threshold), out
 
 
-def _gt_instances(index: PanopticIndex, things_only: bool = True) -> tuple[dict, dict]:
+def postprocess_one(out: dict, cfg: ModelConfig, proc_size: tuple[int, int], orig_size: tuple[int, int],
+                    threshold: float | None = None):
+    """The panoptic PanopticResult of the first image of a model output."""
+    threshold = cfg.panoptic_threshold if threshold is None else threshold
+    return panoptic_postprocess(out["pred_logits"][0], out["pred_masks"][0], proc_size, orig_size,
+                                is_thing_per_class(cfg), cfg.category_ids, cfg.class_names, threshold)
+
+
+@dataclass
+class ImageOutput:
+    """One evaluated image: its record, the model's raw outputs, the size the model saw (h, w), the
+    original size (H, W) and the ground-truth segment ids [H,W]."""
+
+    rec: object
+    out: dict
+    proc_size: tuple[int, int]
+    orig_size: tuple[int, int]
+    gt_ids: np.ndarray
+
+
+def panoptic_outputs(model: DETRSegmentation, cfg: ModelConfig, index: PanopticIndex, gt_maps: dict, *,
+                     device: str = "cpu", progress: bool = True, skipped: list | None = None):
+    """The model's outputs on every readable image of `index` whose PNG has the image's size (one
+    ImageOutput each); the others are logged and appended to `skipped`."""
+    from ..data.images import load_image
+    from ..data.transforms import resize_for_inference
+
+    model = model.to(device).eval()
+    for rec in tqdm(index.records, disable=not progress, desc="panoptic eval", unit="img"):
+        try:
+            pil = load_image(rec.image.file)
+        except ValueError as e:
+            log.warning("skipping %s", e)
+            if skipped is not None:
+                skipped.append(rec)
+            continue
+        gt_ids = gt_maps[rec.image.id]
+        if gt_ids.shape != (pil.height, pil.width):
+            log.warning("%s: PNG size %s differs from the image's %s; skipped", rec.png, gt_ids.shape,
+                        (pil.height, pil.width))
+            if skipped is not None:
+                skipped.append(rec)
+            continue
+        x = resize_for_inference(pil, cfg.image_size, cfg.max_image_size).to(device)
+        with torch.no_grad():
+            out = model([x])
+        yield ImageOutput(rec, out, tuple(x.shape[-2:]), (pil.height, pil.width), gt_ids)
+
+
+def gt_segments(rec) -> list[dict]:
+    """A record's ground-truth segments as PQStat reads them."""
+    return [{"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd} for s in rec.segments]
+
+
+def gt_instances(index: PanopticIndex, things_only: bool = True) -> tuple[dict, dict]:
     """COCO instances ground truth (RLE masks) of the panoptic set's things, and {image id: ids}."""
     images, anns, maps = [], [], {}
     for rec in index.records:
@@ -385,47 +454,33 @@ def _gt_instances(index: PanopticIndex, things_only: bool = True) -> tuple[dict,
 
 
 def evaluate_panoptic(model: DETRSegmentation, cfg: ModelConfig, data: str | os.PathLike | PanopticIndex, *,
-                      device: str = "cpu", threshold: float = PANOPTIC_THRESHOLD, mask_ap: bool = True,
+                      device: str = "cpu", threshold: float | None = None, mask_ap: bool = True,
                       progress: bool = True, out_dir: str | os.PathLike | None = None) -> dict:
-    """PQ/SQ/RQ (all, things, stuff, per class) and mask AP on a COCO panoptic set. With out_dir the
-    predicted PNGs and a predictions JSON (COCO panoptic format) are written there."""
+    """PQ/SQ/RQ (all, things, stuff, per class) and mask AP on a COCO panoptic set, queries kept above
+    `threshold` (default: the model's cfg.panoptic_threshold). With out_dir the predicted PNGs and a
+    predictions JSON (COCO panoptic format) are written there."""
     from PIL import Image
 
-    from ..data.images import load_image
-    from ..data.transforms import resize_for_inference
     from .evaluate import CocoEvaluator
 
+    threshold = cfg.panoptic_threshold if threshold is None else threshold
     index = data if isinstance(data, PanopticIndex) else load_panoptic(data)
-    model = model.to(device).eval()
-    gt_inst, gt_maps = _gt_instances(index)
+    gt_inst, gt_maps = gt_instances(index)
     stat = PQStat()
     results = []
     pred_anns = []
-    skipped = 0
-    for rec in tqdm(index.records, disable=not progress, desc="panoptic eval", unit="img"):
-        try:
-            pil = load_image(rec.image.file)
-        except ValueError as e:
-            log.warning("skipping %s", e)
-            skipped += 1
-            continue
-        x = resize_for_inference(pil, cfg.image_size, cfg.max_image_size).to(device)
-        res, out = predict_panoptic(model, cfg, x, (pil.height, pil.width), threshold)
-        gt_ids = gt_maps[rec.image.id]
-        if gt_ids.shape != res.ids.shape:
-            log.warning("%s: PNG size %s differs from the image's %s; skipped", rec.png, gt_ids.shape, res.ids.shape)
-            skipped += 1
-            continue
-        stat.add_image(gt_ids, [{"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd}
-                                for s in rec.segments], res.ids, res.segments)
+    skipped: list = []
+    for item in panoptic_outputs(model, cfg, index, gt_maps, device=device, progress=progress, skipped=skipped):
+        rec, out = item.rec, item.out
+        res = postprocess_one(out, cfg, item.proc_size, item.orig_size, threshold)
+        stat.add_image(item.gt_ids, gt_segments(rec), res.ids, res.segments)
         if out_dir is not None:
             name = Path(rec.png).name
             Path(out_dir, "panoptic").mkdir(parents=True, exist_ok=True)
             Image.fromarray(res.to_rgb()).save(Path(out_dir, "panoptic", name))
             pred_anns.append({"image_id": rec.image.id, "file_name": name, "segments_info": res.segments})
         if mask_ap:
-            inst = instance_masks(out["pred_logits"][0], out["pred_masks"][0], tuple(x.shape[-2:]),
-                                  (pil.height, pil.width))
+            inst = instance_masks(out["pred_logits"][0], out["pred_masks"][0], item.proc_size, item.orig_size)
             for s, lab, m in zip(inst["scores"].tolist(), inst["labels"].tolist(), inst["masks"].numpy()):
                 cid = cfg.category_ids[lab]
                 if cid in cfg.stuff_category_ids or not m.any():
@@ -434,6 +489,7 @@ def evaluate_panoptic(model: DETRSegmentation, cfg: ModelConfig, data: str | os.
                 results.append({"image_id": rec.image.id, "category_id": cid, "score": s,
                                 "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
                                          float(ys.max() - ys.min() + 1)], "segmentation": encode_mask(m)})
+    skipped = len(skipped)
     categories = {cid: thing for cid, _, thing in index.categories}
     summary = stat.summary(categories)
     names = {cid: n for cid, n, _ in index.categories}

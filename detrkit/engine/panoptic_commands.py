@@ -29,9 +29,13 @@ def print_pq(metrics: dict) -> None:
     if "mask_AP" in metrics:
         print(f"mask AP {metrics['mask_AP']:.3f}  AP50 {metrics['mask_AP50']:.3f}  AP75 {metrics['mask_AP75']:.3f}")
     print(f"(panoptic threshold {metrics.get('panoptic_threshold', 0.85):g}, {metrics.get('images')} images)")
+    if "at_paper_threshold" in metrics:
+        m = metrics["at_paper_threshold"]
+        print(f"at the paper's threshold 0.85: PQ {100 * m['PQ']:.1f} (things {100 * m['PQ_th']:.1f}, "
+              f"stuff {100 * m['PQ_st']:.1f})")
 
 
-def eval_panoptic_command(weights: str, data: str, device: str = "cpu", threshold: float = 0.85,
+def eval_panoptic_command(weights: str, data: str, device: str = "cpu", threshold: float | None = None,
                           out: str | None = None) -> int:
     from .panoptic import evaluate_panoptic, load_panoptic_model
 
@@ -49,7 +53,7 @@ def eval_panoptic_command(weights: str, data: str, device: str = "cpu", threshol
     return 0
 
 
-def predict_panoptic_files(detector, paths: Sequence[Path], out_dir: str | Path, threshold: float = 0.85,
+def predict_panoptic_files(detector, paths: Sequence[Path], out_dir: str | Path, threshold: float | None = None,
                            progress: bool = True) -> tuple[int, list[tuple[str, str]]]:
     """Per image: OUT/<stem>.png (colour overlay), OUT/panoptic/<stem>.png (segment ids, COCO panoptic
     RGB encoding); OUT/panoptic.json holds every image's segments_info (COCO panoptic format)."""
@@ -89,7 +93,8 @@ def train_masks_command(args: argparse.Namespace) -> int:
 
     res = train_mask_head(args.frozen_weights, args.data, args.val, args.out, joint=args.joint, lr=args.lr,
                           batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-                          max_minutes=args.max_minutes, device=args.device, cache_views=args.cache_views)
+                          max_minutes=args.max_minutes, device=args.device, cache_views=args.cache_views,
+                          calib_json=args.calibrate)
     print(f"{res.steps} steps in {res.seconds / 60:.1f} min; panoptic weights in {Path(args.out) / 'final'}")
     if res.metrics:
         print_pq(res.metrics)
@@ -104,6 +109,9 @@ def add_train_masks_parser(subparsers) -> argparse.ArgumentParser:
                     "trains the mask head with the detector frozen. --joint trains both together instead.")
     p.add_argument("--data", required=True, help="COCO panoptic JSON of the training set (PNGs in <json stem>/)")
     p.add_argument("--val", help="COCO panoptic JSON of the validation set (PQ at the end)")
+    p.add_argument("--calibrate", metavar="JSON",
+                   help="COCO panoptic JSON of held-out images (neither --data nor --val): the keep threshold that "
+                        "gives the best PQ there is stored with the weights (default: the paper's 0.85)")
     p.add_argument("--frozen-weights", required=True,
                    help="the box detector (run dir / weights); or panoptic weights to continue")
     p.add_argument("--out", required=True, help="run folder: final/ (panoptic weights), metrics.json")

@@ -168,6 +168,7 @@ def load_hf_segmentation(path: str | Path) -> tuple[dict[str, torch.Tensor], Mod
         "category_ids": hf_cfg.get("detrkit_category_ids") or list(range(n)),
         "stuff_category_ids": hf_cfg.get("detrkit_stuff_category_ids")
         or (panoptic_class_names()[1] if n == AUTHORS_NUM_CLASSES else []),
+        "panoptic_threshold": hf_cfg.get("detrkit_panoptic_threshold", ModelConfig.panoptic_threshold),
         **({"image_size": hf_cfg["detrkit_image_size"], "max_image_size": hf_cfg["detrkit_max_image_size"]}
            if "detrkit_image_size" in hf_cfg else {}),
     })
@@ -181,7 +182,7 @@ def save_hf_segmentation(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir:
     hf_sd = {k: v.detach().cpu().contiguous() for k, v in to_hf_segmentation_state_dict(sd).items()}
     save_file(hf_sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {**huggingface.hf_config(cfg), "architectures": ["DetrForSegmentation"],
-              "detrkit_stuff_category_ids": cfg.stuff_category_ids}
+              "detrkit_stuff_category_ids": cfg.stuff_category_ids, "detrkit_panoptic_threshold": cfg.panoptic_threshold}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
