@@ -435,6 +435,11 @@ def gt_segments(rec) -> list[dict]:
     return [{"id": s.id, "category_id": s.category_id, "iscrowd": s.iscrowd} for s in rec.segments]
 
 
+def gt_maps(index: PanopticIndex) -> dict:
+    """{image id: ground-truth segment ids [H,W]} of every record."""
+    return {rec.image.id: read_segment_ids(rec.png) for rec in index.records}
+
+
 def gt_instances(index: PanopticIndex, things_only: bool = True) -> tuple[dict, dict]:
     """COCO instances ground truth (RLE masks) of the panoptic set's things, and {image id: ids}."""
     images, anns, maps = [], [], {}
@@ -465,12 +470,13 @@ def evaluate_panoptic(model: DETRSegmentation, cfg: ModelConfig, data: str | os.
 
     threshold = cfg.panoptic_threshold if threshold is None else threshold
     index = data if isinstance(data, PanopticIndex) else load_panoptic(data)
-    gt_inst, gt_maps = gt_instances(index)
+    gt_inst, maps = gt_instances(index)
     stat = PQStat()
     results = []
     pred_anns = []
-    skipped: list = []
-    for item in panoptic_outputs(model, cfg, index, gt_maps, device=device, progress=progress, skipped=skipped):
+    skipped_records: list = []
+    for item in panoptic_outputs(model, cfg, index, maps, device=device, progress=progress,
+                                 skipped=skipped_records):
         rec, out = item.rec, item.out
         res = postprocess_one(out, cfg, item.proc_size, item.orig_size, threshold)
         stat.add_image(item.gt_ids, gt_segments(rec), res.ids, res.segments)
@@ -489,7 +495,7 @@ def evaluate_panoptic(model: DETRSegmentation, cfg: ModelConfig, data: str | os.
                 results.append({"image_id": rec.image.id, "category_id": cid, "score": s,
                                 "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
                                          float(ys.max() - ys.min() + 1)], "segmentation": encode_mask(m)})
-    skipped = len(skipped)
+    skipped = len(skipped_records)
     categories = {cid: thing for cid, _, thing in index.categories}
     summary = stat.summary(categories)
     names = {cid: n for cid, n, _ in index.categories}

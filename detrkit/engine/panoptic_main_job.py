@@ -6,8 +6,8 @@
 3. PQ/SQ/RQ and mask AP on the validation split, colour overlays of a few validation images.
 
 Leaves in the run folder: data/ (train + val + calib, COCO panoptic + instances; the keep threshold is
-chosen on calib), detector/ (the first
-stage's run folder), mask_head/ (the second stage's), final/ (native panoptic weights), metrics.json
+chosen on calib), detector/ (the first stage's run folder), mask_head/ (the second stage's), final/
+(native panoptic weights), metrics.json
 (PQ, SQ, RQ overall / things / stuff / per class, mask AP), overlays/*.png and panoptic_main_job.json.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ DEFAULT_NUM_TRAIN = 2000
 DEFAULT_NUM_VAL = 100
 # held-out images (a third seed) on which the keep threshold is chosen: neither stage trains on them
 # and the reported PQ is the validation split's (engine/panoptic_threshold.py)
-DEFAULT_NUM_CALIB = 100
+DEFAULT_NUM_CALIB = 100  # a smaller --num-val makes the calibration split that size too
 CALIB_SEED = 2_000_006  # the splits use seeds 0 (train) and 1_000_003 (val)
 DEFAULT_IMAGE_SIZE = (128, 192)
 # of the training time: the detector needs most of it. At 0.68 the head got ~600 uncached steps, its DICE

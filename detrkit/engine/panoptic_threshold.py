@@ -31,12 +31,11 @@ def pq_per_threshold(model: DETRSegmentation, cfg: ModelConfig, data: str | os.P
                      thresholds: tuple[float, ...] = CANDIDATES, *, device: str = "cpu",
                      progress: bool = True) -> dict[float, float]:
     """{threshold: PQ on `data`} for each threshold; the model runs once per image."""
-    from .panoptic import gt_instances, gt_segments, panoptic_outputs, postprocess_one
+    from .panoptic import gt_maps, gt_segments, panoptic_outputs, postprocess_one
 
     index = data if isinstance(data, PanopticIndex) else load_panoptic(data)
-    _, gt_maps = gt_instances(index)
     stats = {t: PQStat() for t in thresholds}
-    for item in panoptic_outputs(model, cfg, index, gt_maps, device=device, progress=progress):
+    for item in panoptic_outputs(model, cfg, index, gt_maps(index), device=device, progress=progress):
         for t, stat in stats.items():
             res = postprocess_one(item.out, cfg, item.proc_size, item.orig_size, t)
             stat.add_image(item.gt_ids, gt_segments(item.rec), res.ids, res.segments)
