@@ -32,3 +32,12 @@ positive_int = _number(int, 1, None, False, "a positive integer (1 or more)")
 non_negative_int = _number(int, 0, None, False, "0 or more")
 positive_float = _number(float, 0.0, None, True, "a positive number")
 probability = _number(float, 0.0, 1.0, False, "between 0 and 1")
+overlap = _number(float, 0.0, 1.0, True, "an IoU above 0 and at most 1")
+
+
+def overlap_or_none(text: str) -> float | None:
+    """An IoU in (0, 1], or "none"."""
+    return None if text.strip().lower() == "none" else overlap(text)
+
+
+overlap_or_none.__name__ = "an IoU in (0, 1] or none"

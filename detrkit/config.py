@@ -92,6 +92,11 @@ class ModelConfig(_DictIO):
     # panoptic: queries whose best class scores above this are kept (the paper: 0.85; a model trained for
     # minutes may carry one chosen on held-out images, engine/panoptic_threshold.py)
     panoptic_threshold: float = 0.85
+    # detection post-processing: a box overlapping a higher-scoring box of its class by more than this IoU
+    # is dropped (class-wise NMS). None: the paper's post-processing, which has none (a trained DETR does
+    # not repeat itself). A model trained for minutes can; train sets it when removing them raises the AP
+    # on training images (engine/duplicates.py)
+    duplicate_iou: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -117,6 +122,9 @@ class ModelConfig(_DictIO):
         t = self.panoptic_threshold
         _check(type(self).__name__, "panoptic_threshold", isinstance(t, (int, float)) and not isinstance(t, bool)
                and 0 <= t < 1, "a number in [0, 1)", t)
+        d = self.duplicate_iou
+        _check(type(self).__name__, "duplicate_iou", d is None or (isinstance(d, (int, float))
+               and not isinstance(d, bool) and 0 < d <= 1), "a number in (0, 1] or null", d)
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
 
@@ -165,6 +173,9 @@ class TrainConfig(_DictIO):
     dn_label_noise: float = 0.2  # share of denoising queries given a random class
     dn_negatives: bool = False  # contrastive denoising (DINO): a more noised copy of each box answers "no object"
     dn_loss_coef: float = 1.0  # weight of the denoising losses (ce, L1, GIoU with the usual weights) in the total
+    # the denoising part's size, at most this x num_queries queries: crowded images get fewer groups (as
+    # DINO's fixed denoising budget), so the decoder's cost stays bounded; one group at least
+    dn_query_budget: float = 2.0
     query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
     iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")
     # dense head on the encoder memory (Co-DETR's auxiliary head, training-only): each feature cell near
@@ -202,6 +213,9 @@ class TrainConfig(_DictIO):
     # make at least this many cached images in all, up to MAX_VIEWS, within caching's share of the time
     cache_images: int = 0
     # bookkeeping
+    # at the end of the run: remove duplicate boxes when that raises the AP on training images
+    # (engine/duplicates.py; the choice is saved in ModelConfig.duplicate_iou)
+    check_duplicates: bool = True
     seed: int = 42
     checkpoint_every_steps: int | None = None
     checkpoint_every_epochs: int = 1  # 0: only at the end of the run and on SIGINT/SIGTERM
@@ -224,7 +238,7 @@ class TrainConfig(_DictIO):
             "pretrain_batch_size": (1, False), "pretrain_crop_size": (1, False), "cache_views": (0, False), "cache_images": (0, False),
             "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
             "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
-            "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "query_groups": (1, False),
+            "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "dn_query_budget": (0, False), "query_groups": (1, False),
             "enc_aux_coef": (0, False)})
         _check("TrainConfig", "dn_label_noise", self.dn_label_noise <= 1, "at most 1", self.dn_label_noise)
         if not isinstance(self.backbone_weights, str) or not self.backbone_weights.strip():

@@ -212,7 +212,8 @@ class Detector:
         tensors, sizes = self.preprocess(batch)
         out = self.inference_model(tensors, batch_invariant=True)
         results = []
-        for r, size, image in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k), sizes,
+        for r, size, image in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k,
+                                                 self.config.duplicate_iou), sizes,
                                   batch):
             labels = r["labels"].cpu()
             results.append(Detections(

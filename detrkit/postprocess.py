@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 
 @dataclass
@@ -89,12 +89,15 @@ def class_scores(pred_logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | list,
-                threshold: float | None = None, top_k: int | None = None) -> list[dict[str, Tensor]]:
+                threshold: float | None = None, top_k: int | None = None,
+                duplicate_iou: float | None = None) -> list[dict[str, Tensor]]:
     """pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1], orig_sizes [B,2] (h, w)
     -> per image {scores [K], labels [K], boxes [K,4] xyxy pixels, queries [K] (query indices)},
     sorted by score.
 
     Without a threshold or top_k all Q predictions are kept (what COCO evaluation wants).
+    duplicate_iou (ModelConfig.duplicate_iou): drop a box that overlaps a higher-scoring box of its class
+    by more than this IoU, before top_k; None (the paper's post-processing) drops none.
     """
     scores, labels = class_scores(pred_logits)
     sizes = torch.as_tensor(orig_sizes, dtype=torch.float32, device=pred_boxes.device).reshape(-1, 2)
@@ -105,6 +108,8 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | li
         order = s.argsort(descending=True)
         if threshold is not None:
             order = order[s[order] > threshold]
+        if duplicate_iou is not None:
+            order = order[batched_nms(b[order], s[order], lab[order], duplicate_iou)]
         if top_k is not None:
             order = order[:top_k]
         results.append({"scores": s[order], "labels": lab[order], "boxes": b[order], "queries": order})

@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 
-from .argtypes import positive_int, probability
+from .argtypes import overlap_or_none, positive_int, probability
 from .device import WEIGHTS_HELP, add_device_argument, add_precision_argument
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ def run_predict(args: argparse.Namespace) -> int:
         log.error("no images to process")
         return 2
     detector = Detector.from_pretrained(args.weights, device=args.device, precision=args.precision)
+    if args.duplicate_iou != "model":
+        detector.config.duplicate_iou = args.duplicate_iou
     if args.task == "panoptic":  # overlays, PNG segment maps, segments_info (engine/panoptic_commands.py)
         from .engine.panoptic_commands import predict_panoptic_files
 
@@ -73,6 +75,9 @@ def register(subparsers) -> None:
                    help="minimum score (default 0.5; with --task panoptic the model's own: the paper's 0.85 unless "
                         "chosen on held-out images when it was trained)")
     p.add_argument("--top-k", type=positive_int, default=None, help="keep at most K detections per image")
+    p.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none",
+                   help="drop a box overlapping a higher-scoring box of its class by more than this IoU; none keeps "
+                        "every box (the paper's post-processing). Default: the model's own setting")
     p.add_argument("--task", choices=["detection", "panoptic"], default="detection",
                    help="panoptic (weights with a mask head): a colour overlay, a PNG segment map and "
                         "segments_info (COCO panoptic) per image")

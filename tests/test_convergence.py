@@ -100,6 +100,9 @@ def test_crowded_images_get_fewer_denoising_groups():
     # 8 queries -> at most 16 denoising queries: 4 groups of 2 targets fit, 4 groups of 7 do not
     extra = TrainingQueries(TrainConfig(dn_groups=4), 32, 8, 3)
     assert [extra.groups_for(n) for n in (0, 1, 2, 4, 7, 16, 40)] == [4, 4, 4, 4, 2, 1, 1]
+    # a budget of 1 x the queries (8): half as many groups where the budget binds, never below one
+    tight = TrainingQueries(TrainConfig(dn_groups=4, dn_query_budget=1.0), 32, 8, 3)
+    assert [tight.groups_for(n) for n in (0, 1, 2, 4, 7, 16)] == [4, 4, 4, 2, 1, 1]
     model = _model()
     crowded = [{"labels": torch.arange(7) % 3, "boxes": torch.rand(7, 2).mul(0.5).add(0.25).repeat(1, 2) * 0.8},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]

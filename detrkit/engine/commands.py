@@ -9,7 +9,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from ..argtypes import non_negative_int, positive_float, positive_int, probability
+from ..argtypes import non_negative_int, overlap_or_none, positive_float, positive_int, probability
 from ..config import DEFAULT_PRESET, build_configs
 from ..device import WEIGHTS_HELP, add_device_argument, add_precision_argument, amp_of
 
@@ -117,7 +117,8 @@ def eval_command(args: argparse.Namespace) -> int:
     holder: list = []
     metrics, cfg = evaluate_weights(args.weights, args.data, args.images, args.split, args.batch_size,
                                     args.device, amp_of(args.precision, args.device), args.num_workers,
-                                    results_path=args.results, evaluator_out=holder)
+                                    results_path=args.results, evaluator_out=holder,
+                                    duplicate_iou=args.duplicate_iou)
     print_coco(metrics)
     print_per_class(metrics, cfg)
     if args.out:
@@ -224,6 +225,9 @@ def register(subparsers) -> None:
     e.add_argument("--panoptic-threshold", type=probability, default=None,
                    help="panoptic data: queries kept above this score (default: the model's own, the paper's 0.85 "
                         "unless chosen on held-out images when it was trained)")
+    e.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none",
+                   help="drop a box overlapping a higher-scoring box of its class by more than this IoU; none keeps "
+                        "every box (the paper's post-processing). Default: the model's own setting")
     add_device_argument(e)
     e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=eval_command)

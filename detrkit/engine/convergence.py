@@ -41,7 +41,6 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 from ..config import TrainConfig
 from ..model.detr import MLP, BackboneFeatures
 
-DN_QUERIES_PER_QUERY = 2  # the denoising part's size limit, in multiples of the model's query count
 
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -70,9 +69,9 @@ class TrainingQueries(nn.Module):
         self.groups = max(1, cfg.query_groups)
         self.dn_groups = max(0, cfg.dn_groups)
         # crowded images get fewer denoising groups (as DN-DETR's dynamic groups): the denoising part
-        # stays within DN_QUERIES_PER_QUERY x the model's queries, so a 30-object image costs no more
+        # stays within dn_query_budget x the model's queries, so a 30-object image costs no more
         # decoder time than a 4-object one
-        self.dn_budget = DN_QUERIES_PER_QUERY * num_queries
+        self.dn_budget = int(cfg.dn_query_budget * num_queries)
         self.box_noise, self.label_noise = cfg.dn_box_noise, cfg.dn_label_noise
         self.per_target = 2 if getattr(cfg, "dn_negatives", False) else 1  # a positive (and a negative) query
         self.num_classes = num_classes

@@ -172,8 +172,10 @@ class CocoEvaluator:
         return path
 
 
-def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category_ids: Sequence[int]) -> list[dict]:
-    """Model outputs -> COCO result records, all Q per image (no threshold).
+def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category_ids: Sequence[int],
+                                duplicate_iou: float | None = None) -> list[dict]:
+    """Model outputs -> COCO result records, all Q per image (no threshold; duplicates dropped only with
+    a duplicate_iou, as `postprocess`).
 
     outputs: pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1]; targets: B dicts with image_id and
     orig_size [2] (h, w of the original image); category_ids[label] is the dataset id of class `label`.
@@ -182,7 +184,7 @@ def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category
     if len(category_ids) != num_classes:
         raise ValueError(f"the model has {num_classes} classes but {len(category_ids)} category ids were given")
     orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets])
-    dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
+    dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes, duplicate_iou=duplicate_iou)
     records = []
     for t, d in zip(targets, dets):
         records += coco_records(t["image_id"], d["boxes"], [category_ids[i] for i in d["labels"].tolist()],
@@ -218,8 +220,9 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
              device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
              collate_fn: Callable | None = None, results_path: str | os.PathLike | None = None,
              progress: bool = True, should_stop: Callable[[], bool] | None = None,
-             evaluator_out: list | None = None) -> dict[str, Any]:
+             evaluator_out: list | None = None, duplicate_iou: float | None = None) -> dict[str, Any]:
     """Run `model` over `dataset` (items (image [3,H,W], target dict)) and score it -> CocoEvaluator.summarize().
+    duplicate_iou: the post-processing's duplicate removal (ModelConfig.duplicate_iou; None: none).
 
     The model keeps its train/eval mode afterwards. Unreadable images (the collate's bad list) are
     logged and left out of the evaluation. results_path: also write the result records there.
@@ -258,7 +261,7 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
             images = [im.to(device, non_blocking=True) for im in images]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and runner is model):
                 outputs = runner(images, batch_invariant=True)
-            records = predictions_to_coco_results(outputs, targets, category_ids)
+            records = predictions_to_coco_results(outputs, targets, category_ids, duplicate_iou)
             if unknown:
                 records = [r for r in records if r["category_id"] in shared]
             evaluator.add(records, image_ids=[int(t["image_id"]) for t in targets])
@@ -279,13 +282,14 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
 
 def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=None, batch_size: int = 4,
                      device: str = "cpu", amp: str = "none", num_workers: int = 0,
-                     results_path: str | os.PathLike | None = None,
-                     evaluator_out: list | None = None) -> tuple[dict[str, Any], ModelConfig]:
+                     results_path: str | os.PathLike | None = None, evaluator_out: list | None = None,
+                     duplicate_iou: float | None | str = "model") -> tuple[dict[str, Any], ModelConfig]:
     """Evaluate saved weights (anything `weights.load.load_weights` takes) on a dataset (annotation
     path or DatasetIndex) -> (evaluate()'s dict, the weights' ModelConfig).
 
     The model runs as `Detector` runs it (its optimised inference copy, bf16 with amp="bf16") on the
-    evaluation transforms' images, so `predict` gives the same records on the same files."""
+    evaluation transforms' images, so `predict` gives the same records on the same files.
+    duplicate_iou: "model" (the weights' own ModelConfig.duplicate_iou), None (keep every box) or an IoU."""
     from ..data.dataset import DetectionDataset
     from ..data.transforms import eval_transforms
     from ..detector import Detector
@@ -303,5 +307,6 @@ def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=No
     dataset = DetectionDataset(index, eval_transforms(cfg.image_size, cfg.max_image_size), skip_bad=True)
     metrics = evaluate(detector.inference_model, dataset, cfg.category_ids, coco_ground_truth(index),
                        batch_size=batch_size, device=torch.device(device), amp="none", num_workers=num_workers,
-                       results_path=results_path, evaluator_out=evaluator_out)
+                       results_path=results_path, evaluator_out=evaluator_out,
+                       duplicate_iou=cfg.duplicate_iou if duplicate_iou == "model" else duplicate_iou)
     return metrics, cfg

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..config import ModelConfig, TrainConfig
 from ..model import build_model
-from ..weights.native import save_native
+from ..weights.native import load_native, save_native
 from . import distributed as dist_utils
 from .budget import ScheduleFitter, TimeBudget
 from .feature_cache import cache_part
@@ -397,8 +397,11 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
     """A finished (not interrupted) run: final evaluation, checkpoint, final/ (and best/ when never
     evaluated), metrics.json and curves. -> the result, the same on every rank."""
     main = dist_utils.rank() == 0
+    duplicates = None
     if status != "interrupted":
-        if run.validator.val_set is not None and run.validator.evaluated_at != state.step:
+        duplicates = _check_duplicates(run, model_cfg)
+        changed = duplicates is not None and duplicates.iou is not None
+        if run.validator.val_set is not None and (run.validator.evaluated_at != state.step or changed):
             with StopFlag() as stop:  # a signal during the last evaluation: keep the trained state
                 run.validator.run(run.eval_model, state, should_stop=lambda: stop.signum is not None)
                 if dist_utils.all_reduce_max([float(stop.signum is not None)], run.device)[0] > 0:
@@ -407,6 +410,9 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
         if main and status != "interrupted":
             # best/ is written by a validation only: without one, final/ is what there is
             save_native(run.eval_model.state_dict(), model_cfg, run.checkpointer.run_dir / "final")
+            best = run.checkpointer.run_dir / "best"
+            if changed and best.exists():  # the same run's post-processing, for its best weights too
+                save_native(load_native(best)[0], model_cfg, best)
     bad_total = run.run_log.bad_total()
     diagnosis = _diagnose(run, state, model_cfg) if status != "interrupted" else None
     seconds = state.seconds + run.budget.elapsed()  # the earlier parts of a resumed run included
@@ -416,7 +422,8 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
                "bad_samples": bad_total, "skipped_steps": state.skipped_steps, "seconds": round(seconds, 1),
                "world_size": dist_utils.world_size(), **state.metrics,
                "backbone_start": run.backbone_start.to_dict() if run.backbone_start else None,
-               "stop_reason": run.stop_reason or None, "diagnosis": diagnosis}
+               "stop_reason": run.stop_reason or None, "diagnosis": diagnosis,
+               "duplicates": duplicates.to_dict() if duplicates is not None else None}
     run.run_log.finish(summary if status != "interrupted" else None)
     if main and status == "interrupted":
         log.info("stopped by signal at step %d; resume with --resume", state.step)
@@ -424,6 +431,23 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
         log.warning("%d bad samples were skipped; see %s", bad_total, run.run_log.bad_file)
     dist_utils.barrier()
     return result
+
+
+def _check_duplicates(run: _Run, model_cfg: ModelConfig):
+    """Rank 0 measures whether the model repeats itself on training images (engine/duplicates.py) and
+    sets model_cfg.duplicate_iou (in place: the validator and the checkpoints share it) when removing
+    the repeats raises the AP. -> the DuplicateCheck (the same on every rank), None when not checked."""
+    from .duplicates import check_duplicates
+
+    if not run.cfg.check_duplicates or run.train_index is None or model_cfg.duplicate_iou is not None:
+        return None
+    check = None
+    if dist_utils.rank() == 0:
+        check = check_duplicates(run.eval_model, run.train_index, model_cfg, run.cfg, run.device)
+        log.info("%s", check.text())
+    check = dist_utils.all_gather_object(check)[0]
+    model_cfg.duplicate_iou = check.iou
+    return check
 
 
 def _diagnose(run: _Run, state: RunState, model_cfg: ModelConfig) -> dict | None:

@@ -163,6 +163,7 @@ def load_huggingface(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCo
         "category_ids": hf_cfg.get("detrkit_category_ids") or list(range(num_classes)),
         **({"image_size": hf_cfg["detrkit_image_size"], "max_image_size": hf_cfg["detrkit_max_image_size"]}
            if "detrkit_image_size" in hf_cfg else {}),
+        "duplicate_iou": hf_cfg.get("detrkit_duplicate_iou"),
     })
     if hf_cfg.get("position_embedding_type", "sine") != cfg.position_embedding:
         raise ValueError(f"{path}: position_embedding_type {hf_cfg.get('position_embedding_type')!r} "
@@ -190,7 +191,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "position_embedding_type": cfg.position_embedding, "auxiliary_loss": cfg.aux_loss,
         "id2label": id2label, "label2id": {n: int(i) for i, n in id2label.items()},
         "detrkit_category_ids": cfg.category_ids, "detrkit_image_size": cfg.image_size,
-        "detrkit_max_image_size": cfg.max_image_size,
+        "detrkit_max_image_size": cfg.max_image_size, "detrkit_duplicate_iou": cfg.duplicate_iou,
     }
 
 

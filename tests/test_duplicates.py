@@ -1,0 +1,104 @@
+"""Duplicate removal: class-wise NMS in the post-processing, off by default (the paper's), chosen by a
+run only when it raises the AP on training images, and saved with the weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from detrkit.config import ModelConfig, TrainConfig
+from detrkit.data.coco import load_coco
+from detrkit.engine.duplicates import DUPLICATE_IOU, check_duplicates
+from detrkit.postprocess import postprocess
+
+from _train_helpers import tiny_model
+
+
+def _logits(scores: list[tuple[int, float]], num_classes: int = 2) -> torch.Tensor:
+    """[1,Q,C+1] logits whose softmax gives each query `score` on class `label`, the rest on no-object."""
+    probs = torch.full((len(scores), num_classes + 1), 1e-6)
+    for q, (label, score) in enumerate(scores):
+        probs[q, label], probs[q, -1] = score, 1 - score
+    return probs.log()[None]
+
+
+def test_postprocess_drops_a_lower_scoring_box_of_the_same_class_only():
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.51, 0.5, 0.4, 0.4], [0.5, 0.5, 0.4, 0.4], [0.2, 0.2, 0.1, 0.1]]])
+    logits = _logits([(0, 0.9), (0, 0.8), (1, 0.7), (0, 0.6)])
+    every = postprocess(logits, boxes, [(100, 100)])[0]
+    assert every["queries"].tolist() == [0, 1, 2, 3]  # the paper's post-processing keeps all
+    dedup = postprocess(logits, boxes, [(100, 100)], duplicate_iou=0.7)[0]
+    # query 1 repeats query 0's class and box; query 2 is another class on the same box; query 3 elsewhere
+    assert dedup["queries"].tolist() == [0, 2, 3]
+    assert torch.allclose(dedup["scores"], torch.tensor([0.9, 0.7, 0.6]), atol=1e-4)
+    assert postprocess(logits, boxes, [(100, 100)], threshold=0.65, top_k=1, duplicate_iou=0.7)[0]["queries"].tolist() == [0]
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.2, True, "0.7"])
+def test_duplicate_iou_is_validated(bad):
+    with pytest.raises(ValueError, match="duplicate_iou"):
+        ModelConfig(class_names=["a"], duplicate_iou=bad)
+
+
+def _data(tmp_path, grays=(250, 180, 110, 40)) -> object:
+    """Images of one gray level each, one box of class 'a' at the same place in every image."""
+    images, anns = [], []
+    for i, g in enumerate(grays, start=1):
+        name = f"im{i}.png"
+        Image.new("RGB", (64, 64), (g, g, g)).save(tmp_path / name)
+        images.append({"id": i, "file_name": name, "width": 64, "height": 64})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [16, 16, 32, 32], "area": 1024, "iscrowd": 0})
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return load_coco(path)
+
+
+class _Scripted(nn.Module):
+    """Finds the box in every image; its score falls with the image's brightness, and with `repeat` a
+    second query puts the same box just below that score, so the repeats of bright images outrank the
+    true boxes of dark ones."""
+
+    def __init__(self, repeat: bool):
+        super().__init__()
+        self.repeat = repeat
+
+    def forward(self, images, batch_invariant=True):
+        logits, boxes = [], []
+        for im in images:
+            score = 0.3 + 0.6 * float(im.mean().sigmoid())  # brighter images (higher mean) score higher
+            second = (0, score - 0.01) if self.repeat else (1, 0.01)
+            logits.append(_logits([(0, score), second])[0])
+            boxes.append(torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.505, 0.5, 0.5, 0.5]]))
+        return {"pred_logits": torch.stack(logits), "pred_boxes": torch.stack(boxes)}
+
+
+@pytest.mark.parametrize("repeat", [True, False])
+def test_the_check_turns_removal_on_only_for_a_model_that_repeats_itself(tmp_path, repeat):
+    index = _data(tmp_path)
+    cfg = tiny_model(class_names=["a", "b"], category_ids=[1, 2])
+    train_cfg = TrainConfig(train_scales=[64], train_max_size=64)
+    check = check_duplicates(_Scripted(repeat), index, cfg, train_cfg, torch.device("cpu"))
+    assert check.images == 4
+    if repeat:
+        assert check.ap_kept < 0.9 and check.ap_removed == pytest.approx(1.0, abs=1e-3)
+        assert check.iou == DUPLICATE_IOU
+    else:  # nothing to remove: the same AP, the paper's post-processing stays
+        assert check.ap_kept == check.ap_removed == pytest.approx(1.0, abs=1e-3)
+        assert check.iou is None
+
+
+def test_the_setting_survives_native_and_hugging_face_round_trips(tmp_path):
+    from detrkit.model import build_model
+    from detrkit.weights.huggingface import hf_config
+    from detrkit.weights.native import load_native, save_native
+
+    cfg = tiny_model(class_names=["a", "b"], duplicate_iou=0.7)
+    model = build_model(cfg)
+    _, loaded = load_native(save_native(model.state_dict(), cfg, tmp_path / "w"))
+    assert loaded.duplicate_iou == 0.7
+    assert hf_config(cfg)["detrkit_duplicate_iou"] == 0.7
+    assert ModelConfig.from_dict({**cfg.to_dict(), "duplicate_iou": None}).duplicate_iou is None
