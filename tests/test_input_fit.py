@@ -67,6 +67,15 @@ def test_crowded_images_get_more_queries():
     assert fit_input(_index([500]), model).num_queries == 100  # capped
 
 
+def test_crowded_images_train_without_denoising_queries():
+    model, train = _tiny()
+    train = dataclasses.replace(train, dn_groups=4)
+    _, crowded, said = fit_to_data(_index([28, 3]), model, train)
+    assert crowded.dn_groups == 0 and "denoising queries off (each of the 4 groups would repeat up to 28" in said
+    _, sparse, said = fit_to_data(_index([16, 3]), model, train)  # 16 objects fit the 20 queries
+    assert sparse.dn_groups == 4 and "denoising" not in said
+
+
 def test_dense_images_get_the_papers_no_object_balance():
     model, train = _tiny()
     # 2 objects per image in 20 queries: 18 empty slots at 0.1 weigh 0.9x the matched ones, within 2x of
