@@ -11,7 +11,7 @@ from torch import nn
 
 from detrkit.config import ModelConfig, TrainConfig
 from detrkit.data.coco import load_coco
-from detrkit.engine.duplicates import DUPLICATE_IOU, check_duplicates
+from detrkit.engine.duplicates import DUPLICATE_IOUS, check_duplicates
 from detrkit.postprocess import postprocess
 
 from _train_helpers import tiny_model
@@ -62,9 +62,9 @@ class _Scripted(nn.Module):
     second query puts the same box just below that score, so the repeats of bright images outrank the
     true boxes of dark ones."""
 
-    def __init__(self, repeat: bool):
+    def __init__(self, repeat: bool, shift: float = 0.005):
         super().__init__()
-        self.repeat = repeat
+        self.repeat, self.shift = repeat, shift
 
     def forward(self, images, batch_invariant=True):
         logits, boxes = [], []
@@ -72,7 +72,7 @@ class _Scripted(nn.Module):
             score = 0.3 + 0.6 * float(im.mean().sigmoid())  # brighter images (higher mean) score higher
             second = (0, score - 0.01) if self.repeat else (1, 0.01)
             logits.append(_logits([(0, score), second])[0])
-            boxes.append(torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.505, 0.5, 0.5, 0.5]]))
+            boxes.append(torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5 + self.shift, 0.5, 0.5, 0.5]]))
         return {"pred_logits": torch.stack(logits), "pred_boxes": torch.stack(boxes)}
 
 
@@ -83,12 +83,23 @@ def test_the_check_turns_removal_on_only_for_a_model_that_repeats_itself(tmp_pat
     train_cfg = TrainConfig(train_scales=[64], train_max_size=64)
     check = check_duplicates(_Scripted(repeat), index, cfg, train_cfg, torch.device("cpu"))
     assert check.images == 4
+    assert set(check.ap_removed) == set(DUPLICATE_IOUS)
     if repeat:
-        assert check.ap_kept < 0.9 and check.ap_removed == pytest.approx(1.0, abs=1e-3)
-        assert check.iou == DUPLICATE_IOU
+        assert check.ap_kept < 0.9
+        assert all(ap == pytest.approx(1.0, abs=1e-3) for ap in check.ap_removed.values())
+        assert check.iou == max(DUPLICATE_IOUS)  # equal APs: the gentlest removal
     else:  # nothing to remove: the same AP, the paper's post-processing stays
-        assert check.ap_kept == check.ap_removed == pytest.approx(1.0, abs=1e-3)
+        assert check.ap_kept == pytest.approx(1.0, abs=1e-3)
+        assert all(ap == check.ap_kept for ap in check.ap_removed.values())
         assert check.iou is None
+
+
+def test_the_check_picks_the_iou_that_removes_the_repeats(tmp_path):
+    # the repeat is shifted by 28% of its width: IoU 0.56 with the first box, so only NMS at 0.5 removes it
+    check = check_duplicates(_Scripted(True, shift=0.14), _data(tmp_path), tiny_model(class_names=["a", "b"],
+                             category_ids=[1, 2]), TrainConfig(train_scales=[64], train_max_size=64), torch.device("cpu"))
+    assert check.iou == 0.5
+    assert check.ap_removed[0.5] > check.ap_removed[0.7] == pytest.approx(check.ap_kept)
 
 
 def test_the_setting_survives_native_and_hugging_face_round_trips(tmp_path):
