@@ -35,9 +35,12 @@ probability = _number(float, 0.0, 1.0, False, "between 0 and 1")
 overlap = _number(float, 0.0, 1.0, True, "an IoU above 0 and at most 1")
 
 
-def overlap_or_none(text: str) -> float | None:
-    """An IoU in (0, 1], or "none"."""
-    return None if text.strip().lower() == "none" else overlap(text)
+def overlap_or_none(text: str) -> float | str | None:
+    """An IoU in (0, 1], "none" (None) or "model" (the weights' own setting, the flags' default)."""
+    word = text.strip().lower()
+    if word in ("none", "model"):
+        return None if word == "none" else "model"
+    return overlap(text)
 
 
-overlap_or_none.__name__ = "an IoU in (0, 1] or none"
+overlap_or_none.__name__ = "an IoU in (0, 1], none or model"

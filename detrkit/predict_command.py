@@ -75,9 +75,9 @@ def register(subparsers) -> None:
                    help="minimum score (default 0.5; with --task panoptic the model's own: the paper's 0.85 unless "
                         "chosen on held-out images when it was trained)")
     p.add_argument("--top-k", type=positive_int, default=None, help="keep at most K detections per image")
-    p.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none",
+    p.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none|model",
                    help="drop a box overlapping a higher-scoring box of its class by more than this IoU; none keeps "
-                        "every box (the paper's post-processing). Default: the model's own setting")
+                        "every box (the paper's post-processing); model (default): the weights' own setting")
     p.add_argument("--task", choices=["detection", "panoptic"], default="detection",
                    help="panoptic (weights with a mask head): a colour overlay, a PNG segment map and "
                         "segments_info (COCO panoptic) per image")

@@ -225,9 +225,9 @@ def register(subparsers) -> None:
     e.add_argument("--panoptic-threshold", type=probability, default=None,
                    help="panoptic data: queries kept above this score (default: the model's own, the paper's 0.85 "
                         "unless chosen on held-out images when it was trained)")
-    e.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none",
+    e.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none|model",
                    help="drop a box overlapping a higher-scoring box of its class by more than this IoU; none keeps "
-                        "every box (the paper's post-processing). Default: the model's own setting")
+                        "every box (the paper's post-processing); model (default): the weights' own setting")
     add_device_argument(e)
     e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=eval_command)
