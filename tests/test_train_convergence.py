@@ -129,3 +129,42 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     d = result.diagnosis
     assert d is not None and not d["ok"] and "too few steps" in d["text"]
     assert summary["diagnosis"]["problems"] == d["problems"]
+
+
+def test_evaluations_take_a_bounded_share_of_a_timed_run(tmp_path):
+    """Under --max-minutes an evaluation that took s seconds is followed by the next no sooner than
+    s / EVAL_SHARE later, whatever the epoch cadence; without a time budget the epochs alone decide."""
+    from detrkit.engine.validation import EVAL_SHARE, Validator
+
+    now = [100.0]
+    timed = Validator(object(), None, tiny_model(), tiny_train(max_minutes=15, eval_every_epochs=2), torch.device("cpu"),
+                      tmp_path, None, False, lambda: now[0])
+    assert timed.due(2) and not timed.due(3)  # nothing evaluated yet: the epochs decide
+    timed.seconds, timed.ended_at = 10.0, 100.0  # the last evaluation took 10 s and ended at t = 100
+    now[0] = 100.0 + 10.0 / EVAL_SHARE - 1
+    assert not timed.due(4)
+    now[0] = 100.0 + 10.0 / EVAL_SHARE
+    assert timed.due(4) and not timed.due(5)
+    untimed = Validator(object(), None, tiny_model(), tiny_train(eval_every_epochs=2), torch.device("cpu"),
+                        tmp_path, None, False, lambda: now[0])
+    untimed.seconds, untimed.ended_at = 10.0, now[0]
+    assert untimed.due(4)
+
+
+def test_epoch_end_checkpoints_of_a_timed_run_wait_a_minute():
+    from types import SimpleNamespace
+
+    from detrkit.engine.train import CHECKPOINT_SECONDS, _checkpoint_due
+
+    now = [500.0]
+    run = SimpleNamespace(budget=SimpleNamespace(max_seconds=900.0, clock=lambda: now[0]), last_checkpoint=None,
+                          device=torch.device("cpu"))
+    assert _checkpoint_due(run)  # the first one
+    run.last_checkpoint = 500.0
+    now[0] = 500.0 + CHECKPOINT_SECONDS - 1
+    assert not _checkpoint_due(run)
+    now[0] = 500.0 + CHECKPOINT_SECONDS
+    assert _checkpoint_due(run)
+    run.budget.max_seconds = None  # no time budget: every epoch's checkpoint, as configured
+    now[0] = 501.0
+    assert _checkpoint_due(run)
