@@ -3,7 +3,7 @@
 DETR's set loss gives each object to one query, and a trained DETR needs no duplicate removal: the
 paper's post-processing has none, and the published checkpoints keep `duplicate_iou` None. A model
 trained for minutes often has not learnt that yet. The main job's 15-minute model put two or three
-boxes scoring above 0.5 on most objects (of 264 validation objects, 155 had 2 or more), which costs AP
+boxes scoring above 0.5 on most objects (150 of its 264 validation objects had 2 or more), which costs AP
 (every repeat is a false positive) and makes its pictures unreadable.
 
 `check_duplicates` scores the run's model on a seeded sample of its *training* images (the validation
@@ -18,7 +18,6 @@ IoU (0.291 at 0.5), as it also removes different objects that overlap.
 """
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import asdict, dataclass
 
@@ -28,8 +27,6 @@ from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, TrainConfig
 from ..data.index import DatasetIndex
-
-log = logging.getLogger(__name__)
 
 DUPLICATE_IOUS = (0.5, 0.6, 0.7)  # two boxes of one class overlapping more than this: one object
 MIN_GAIN = 0.005  # absolute AP on the sample; below it the paper's post-processing stays
