@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, TrainConfig
 from ..data.index import DatasetIndex
@@ -63,33 +62,24 @@ def sample_index(index: DatasetIndex, count: int = SAMPLE_IMAGES, seed: int = 0)
     return subset(index, set(ids[:count]))
 
 
-@torch.no_grad()
 def check_duplicates(model: nn.Module, index: DatasetIndex, model_cfg: ModelConfig, train_cfg: TrainConfig,
                      device: torch.device) -> DuplicateCheck:
     """Score `model` (a DETR) on a sample of `index` (its training images, evaluation transforms) with
     and without duplicate removal, in one pass -> the check and the setting it calls for."""
-    from ..data.dataset import DetectionDataset, collate
+    from ..data.dataset import DetectionDataset
     from ..data.transforms import make_transforms
-    from .evaluate import CocoEvaluator, predictions_to_coco_results
+    from .evaluate import CocoEvaluator, model_outputs, predictions_to_coco_results
     from .run_data import coco_ground_truth
 
     sample = sample_index(index, seed=train_cfg.seed)
     dataset = DetectionDataset(sample, make_transforms(train_cfg, model_cfg, False), skip_bad=True)
     gt = coco_ground_truth(sample)
     kept, removed = CocoEvaluator(gt), {iou: CocoEvaluator(gt) for iou in DUPLICATE_IOUS}
-    was_training = model.training
-    model.eval()
-    try:
-        for images, targets, _bad in DataLoader(dataset, batch_size=8, collate_fn=collate):
-            if not images:
-                continue
-            outputs = model([im.to(device) for im in images], batch_invariant=True)
-            ids = [int(t["image_id"]) for t in targets]
-            kept.add(predictions_to_coco_results(outputs, targets, model_cfg.category_ids), image_ids=ids)
-            for iou, evaluator in removed.items():
-                evaluator.add(predictions_to_coco_results(outputs, targets, model_cfg.category_ids, iou), image_ids=ids)
-    finally:
-        model.train(was_training)
+    for outputs, targets in model_outputs(model, dataset, batch_size=8, device=device, progress=False):
+        ids = [int(t["image_id"]) for t in targets]
+        kept.add(predictions_to_coco_results(outputs, targets, model_cfg.category_ids), image_ids=ids)
+        for iou, evaluator in removed.items():
+            evaluator.add(predictions_to_coco_results(outputs, targets, model_cfg.category_ids, iou), image_ids=ids)
     ap_kept = round(float(kept.summarize().get("AP", 0.0)), 4)
     ap_removed = {iou: round(float(e.summarize().get("AP", 0.0)), 4) for iou, e in removed.items()}
     best = max(ap_removed, key=lambda iou: (ap_removed[iou], iou))  # equal APs: the higher IoU removes less

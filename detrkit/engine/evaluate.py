@@ -215,21 +215,17 @@ def _inference_runner(model: nn.Module, amp: str) -> nn.Module:
     return optimize_for_inference(model, torch.bfloat16 if amp == "bf16" else torch.float32)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: dict | COCO, batch_size: int = 4,
-             device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
-             collate_fn: Callable | None = None, results_path: str | os.PathLike | None = None,
-             progress: bool = True, should_stop: Callable[[], bool] | None = None,
-             evaluator_out: list | None = None, duplicate_iou: float | None = None) -> dict[str, Any]:
-    """Run `model` over `dataset` (items (image [3,H,W], target dict)) and score it -> CocoEvaluator.summarize().
-    duplicate_iou: the post-processing's duplicate removal (ModelConfig.duplicate_iou; None: none).
+def model_outputs(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.device = "cpu",
+                  amp: str = "none", num_workers: int = 0, collate_fn: Callable | None = None,
+                  progress: bool = True, should_stop: Callable[[], bool] | None = None):
+    """Run `model` over `dataset` (items (image [3,H,W], target dict)) in evaluation mode -> yields
+    (outputs, targets) per batch: outputs pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1].
 
-    The model keeps its train/eval mode afterwards. Unreadable images (the collate's bad list) are
-    logged and left out of the evaluation. results_path: also write the result records there.
-    should_stop() is asked after each batch; when it says yes the evaluation ends with
-    `EvaluationInterrupted` (a training run then saves its last state instead). Loader workers ignore
-    SIGINT/SIGTERM: the main process decides, so a signal never ends in a dead-worker traceback.
-    evaluator_out: a list that receives the CocoEvaluator (for plots from the same detections).
+    A DETR runs as its inference copy (`_inference_runner`), with `batch_invariant=True`. The model keeps
+    its train/eval mode afterwards. Unreadable images (the collate's bad list) are logged and skipped.
+    should_stop() is asked after each batch; when it says yes the pass ends with `EvaluationInterrupted`.
+    Loader workers ignore SIGINT/SIGTERM: the main process decides, so a signal never ends in a
+    dead-worker traceback.
     """
     if amp not in ("none", "bf16"):
         raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
@@ -238,15 +234,6 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_fn, worker_init_fn=_ignore_signals if num_workers else None)
-    evaluator = CocoEvaluator(coco_gt)
-    shared = set(category_ids) & set(evaluator.category_names)
-    unknown = [c for c in category_ids if c not in evaluator.category_names]
-    if unknown:
-        # a model trained on other ids (or a subset of the data's): score the classes both know
-        log.warning("the model's category ids %s are not in the ground truth: their detections are left out; "
-                    "evaluating the %d shared categories %s", unknown, len(shared), sorted(shared))
-        if not shared:
-            log.warning("the model and the ground truth share no category id: every AP is -1 or 0, not a score")
     was_training = model.training
     model.eval()
     runner = _inference_runner(model, amp)
@@ -256,21 +243,47 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
             for b in bad:
                 log.warning("evaluation skips %s", b)
             bad_count += len(bad)
-            if not images:
-                continue
-            images = [im.to(device, non_blocking=True) for im in images]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and runner is model):
-                outputs = runner(images, batch_invariant=True)
-            records = predictions_to_coco_results(outputs, targets, category_ids, duplicate_iou)
-            if unknown:
-                records = [r for r in records if r["category_id"] in shared]
-            evaluator.add(records, image_ids=[int(t["image_id"]) for t in targets])
+            if images:
+                images = [im.to(device, non_blocking=True) for im in images]
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=amp == "bf16" and runner is model):
+                    outputs = runner(images, batch_invariant=True)
+                yield outputs, targets
             if should_stop is not None and should_stop():
                 raise EvaluationInterrupted("evaluation stopped by a signal")
     finally:
         model.train(was_training)
     if bad_count:
         log.warning("%d unreadable images were left out of the evaluation", bad_count)
+
+
+def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: dict | COCO, batch_size: int = 4,
+             device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
+             collate_fn: Callable | None = None, results_path: str | os.PathLike | None = None,
+             progress: bool = True, should_stop: Callable[[], bool] | None = None,
+             evaluator_out: list | None = None, duplicate_iou: float | None = None) -> dict[str, Any]:
+    """Run `model` over `dataset` (`model_outputs`) and score it -> CocoEvaluator.summarize().
+    duplicate_iou: the post-processing's duplicate removal (ModelConfig.duplicate_iou; None: none).
+
+    results_path: also write the result records there. should_stop: as `model_outputs` (a training run
+    then saves its last state instead). evaluator_out: a list that receives the CocoEvaluator (for plots
+    from the same detections).
+    """
+    evaluator = CocoEvaluator(coco_gt)
+    shared = set(category_ids) & set(evaluator.category_names)
+    unknown = [c for c in category_ids if c not in evaluator.category_names]
+    if unknown:
+        # a model trained on other ids (or a subset of the data's): score the classes both know
+        log.warning("the model's category ids %s are not in the ground truth: their detections are left out; "
+                    "evaluating the %d shared categories %s", unknown, len(shared), sorted(shared))
+        if not shared:
+            log.warning("the model and the ground truth share no category id: every AP is -1 or 0, not a score")
+    for outputs, targets in model_outputs(model, dataset, batch_size, device, amp, num_workers, collate_fn,
+                                          progress, should_stop):
+        records = predictions_to_coco_results(outputs, targets, category_ids, duplicate_iou)
+        if unknown:
+            records = [r for r in records if r["category_id"] in shared]
+        evaluator.add(records, image_ids=[int(t["image_id"]) for t in targets])
     if results_path is not None:
         evaluator.write_results(results_path)
     summary = evaluator.summarize()
