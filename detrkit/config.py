@@ -185,6 +185,9 @@ class TrainConfig(_DictIO):
     # feature cell or more than the queries allow (engine/input_fit.py; only ever grows, never shrinks)
     fit_to_data: bool = False
     # data
+    # each batch of one orientation (landscape or portrait) where the order allows: a batch is padded to its
+    # widest and tallest member (engine/run_data.aspect_grouped); off: the sampler's order as it is
+    aspect_batches: bool = True
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
     crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])

@@ -194,3 +194,34 @@ def test_training_records_the_precision_auto_chose(tmp_path, monkeypatch):
     train(tiny_model(), tiny_train(amp="auto", max_steps=1), train_json, None, tmp_path / "run", device="cpu",
           progress=False)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["amp"] == "none"
+
+
+def test_aspect_grouped_batches_hold_one_orientation_and_keep_every_index():
+    from detrkit.engine.run_data import aspect_grouped
+
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(103, generator=gen).tolist()
+    wide = {i: bool(torch.rand((), generator=gen) < 0.5) for i in order}
+    wide.update({order[5]: None, order[50]: None})  # sizes unknown (e.g. a bad sample)
+    out = aspect_grouped(order, wide.__getitem__, batch_size=8)
+    assert sorted(out) == sorted(order)  # a permutation: nothing lost, nothing repeated
+    batches = [out[k:k + 8] for k in range(0, len(out), 8)]
+    full = [b for b in batches if len({wide[i] for i in b}) == 1]
+    # only the tail (two partial buckets and the unknown sizes) may mix: at most 3 batches here
+    assert len(batches) - len(full) <= 3
+    assert all(wide[i] is not None for b in full[:-1] for i in b)
+    mixed_before = sum(len({wide[i] for i in order[k:k + 8]}) > 1 for k in range(0, len(order), 8))
+    assert mixed_before > len(batches) - len(full)  # random order mixes most batches
+    assert aspect_grouped(order, wide.__getitem__, 8) == out  # deterministic: resumption relies on it
+
+
+def test_a_detection_dataset_knows_each_images_orientation_from_its_declared_size():
+    from detrkit.data.dataset import DetectionDataset
+    from detrkit.data.index import DatasetIndex, ImageRecord
+
+    from pathlib import Path
+
+    images = [ImageRecord(1, Path("a.jpg"), 320, 240), ImageRecord(2, Path("b.jpg"), 200, 300),
+              ImageRecord(3, Path("c.jpg"))]
+    ds = DetectionDataset(DatasetIndex(images=images, annotations=[], categories=[(1, "x")], source=Path("a.json")))
+    assert [ds.landscape(i) for i in range(3)] == [True, False, None]

@@ -105,6 +105,11 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def landscape(self, i: int) -> bool | None:
+        """Whether image i is wider than tall, from its declared size (None: no size declared)."""
+        rec = self.images[i]
+        return rec.width >= rec.height if rec.width and rec.height else None
+
     def boxes(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image i's training boxes before any transform: XYXY pixels [N,4] float32, class indices [N]."""
         lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])

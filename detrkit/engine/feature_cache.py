@@ -66,6 +66,11 @@ class FeatureCache(Dataset):
     def __getitem__(self, i: int):
         return self.items[self.epoch % self.views][i]
 
+    def landscape(self, i: int) -> bool | None:
+        """Whether item i's features (this epoch's view) are wider than tall (None: a BadSample)."""
+        item = self.items[self.epoch % self.views][i]
+        return None if isinstance(item, BadSample) else item[0].shape[-1] >= item[0].shape[-2]
+
 
 def cached_views(samples, views: int, run: Callable[[list], list], batch_size: int, bar,
                  limit: CacheLimit | None, num_workers: int = 0) -> list[list]:

@@ -35,7 +35,7 @@ from .budget import ScheduleFitter, TimeBudget
 from .feature_cache import cache_part
 from .backbone_start import BackboneStart, backbone_start_part
 from .resume import Checkpointer
-from .run_data import coco_ground_truth, epoch_loader, load_run_data
+from .run_data import aspect_grouped, coco_ground_truth, epoch_loader, load_run_data
 from .preflight import log_preflight
 from .run_folder import claim_run_dir, trim_metrics
 from .run_lock import RunLock
@@ -329,10 +329,12 @@ def _epochs_left(run: _Run, state: RunState) -> bool:
 def _train_epoch(run: _Run, state: RunState, stop: StopFlag) -> str | None:
     """The (rest of the) current epoch's steps; -> a status when the run must end now."""
     run.trainer.runner.train()
+    run.train_set.epoch = state.epoch  # first: the cached view of this epoch decides the orientations
     if state.order is None or state.batches_done == 0:
         run.sampler.set_epoch(state.epoch)
         state.order = list(run.sampler)
-    run.train_set.epoch = state.epoch
+        if run.cfg.aspect_batches:
+            state.order = aspect_grouped(state.order, run.train_set.landscape, run.cfg.batch_size)
     workers = 0 if run.trainer.cached_features else run.cfg.num_workers  # cached: nothing left to load
     loader = epoch_loader(run.train_set, state.order, state.batches_done, run.cfg, state.epoch, workers)
     batches_left, micro = run.plan.batches_per_epoch - state.batches_done, 0
