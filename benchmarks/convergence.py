@@ -2,7 +2,7 @@
 datasets, one ablation table in docs/convergence.md.
 
     python benchmarks/convergence.py --out /tmp/conv --minutes 15 \
-        --datasets hard,bccd,bccd-rbc,main --variants base,dn,groups,iou,all
+        --datasets hard,bccd,bccd-rbc,main --variants base,dn,cdn,groups,iou,enc,all
 
 Every run appends one JSON line to OUT/results.jsonl (so runs of several sessions add up) and the
 table is rewritten from all of them: AP, AP50, APs (val), optimizer steps, minutes (the whole run:
@@ -15,8 +15,11 @@ Datasets (prepared once under OUT/data):
   bccd      BCCD (VOC) from ../shared/data/bccd ($DETRKIT_BCCD), splits train / val
   bccd-rbc  BCCD with only the RBC class: ~13 touching cells per image, a constant box cannot score
   main      the main job's data (4000 / 100 images, engine/main_job.py's generator settings)
-Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising queries), groups (group queries), iou (IoU-aware
-class target), all (all three); `--set key=value` applies to every run (e.g. to shorten a budget).
+Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising
+queries), cdn (denoising with contrastive negatives), groups (group queries), iou (IoU-aware class
+target), enc (the encoder head), all (every switch); `--set key=value` applies to every run. Each row
+records the switches as the run trained them (read back from its config.json): fit_to_data turns the
+denoising queries off on crowded images, and the row's note says so.
 """
 from __future__ import annotations
 
@@ -212,6 +215,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"type": "eval"' in line]
     m = result.metrics
+    ran = json.loads((run_dir / "config.json").read_text())["train"]
     row = {
         "dataset": dataset, "variant": variant, "preset": preset, "budget_min": minutes,
         "AP": m.get("AP"), "AP50": m.get("AP50"), "APs": m.get("APs"), "steps": result.step,
@@ -223,7 +227,12 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
         "threads": __import__("torch").get_num_threads(),
         "sets": sets, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
         "curve": [(e["step"], round(e.get("AP50", 0.0), 3)) for e in evals],
+        # the switches as the run trained them: fit_to_data turns the denoising queries off on crowded images
+        "switches": {k: ran[k] for k in _OFF},
     }
+    changed = [f"{k} {getattr(train_cfg, k)} -> {ran[k]}" for k in _OFF if ran[k] != getattr(train_cfg, k)]
+    if changed:
+        row["note"] = "changed by fit_to_data: " + ", ".join(changed)
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
