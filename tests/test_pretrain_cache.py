@@ -104,14 +104,18 @@ def test_a_resumed_run_serves_the_views_it_cached_before(tmp_path, caplog):
 
 
 def test_train_pretrains_then_caches(tmp_path):
-    data = tiny_data(tmp_path / "data", 8)
+    data = tiny_data(tmp_path / "data", 24)  # enough objects for the feature probe
     cfg = tiny_train(lr_backbone=0.0, epochs=1, pretrain_steps=3, pretrain_batch_size=8, pretrain_crop_size=32,
                      cache_views=1)
     result = train(tiny_model(), cfg, data, data, tmp_path / "run", progress=False, check_data=False)
-    assert result.status == "completed" and result.step == 4
+    assert result.status == "completed" and result.step == 12
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["type"] == "backbone_start" and rows[0]["kind"] == "pretrained-crops"
     assert rows[0]["details"]["pretrain_crops"] > 0
+    probe = next(r for r in rows if r["type"] == "feature_probe")  # the cached features were probed
+    assert 0 <= probe["objectness_auc"] <= 1 and probe["images"] == 24
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["backbone_start"]["details"]
+    assert recorded["feature_probe"] == {k: v for k, v in probe.items() if k != "type"}
     assert "AP" in result.metrics
 
 

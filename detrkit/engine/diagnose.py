@@ -86,10 +86,11 @@ def small_object_share(boxes_wh: Tensor, image_wh: Tensor, model_cfg) -> float:
 
 
 def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pred_boxes: Tensor | None = None,
-             boxes_wh: Tensor | None = None, image_wh: Tensor | None = None, frozen_backbone: bool = True
-             ) -> Diagnosis:
+             boxes_wh: Tensor | None = None, image_wh: Tensor | None = None, frozen_backbone: bool = True,
+             feature_probe: dict | None = None) -> Diagnosis:
     """metrics: the last evaluation (AP50 may be absent: no validation set); pred_boxes [N,Q,4] the final
-    model's boxes on some validation images; boxes_wh / image_wh: the training objects' sizes."""
+    model's boxes on some validation images; boxes_wh / image_wh: the training objects' sizes;
+    feature_probe: the cached features' probe (engine/feature_probe.py), as check_cached_features gives it."""
     d = Diagnosis()
     ap50 = metrics.get("AP50")
     if ap50 is not None and ap50 < LOW_AP50:
@@ -111,6 +112,14 @@ def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pr
         d.causes.append("a random backbone" + (" that stays frozen, so its features never improve" if frozen_backbone
                                                 else "") + ": use --backbone-weights imagenet (or a file), "
                         "or pretrain_steps for self-pretraining on the training set")
+    if feature_probe is not None and feature_probe.get("weak"):
+        from .feature_probe import FeatureProbe
+
+        probe = FeatureProbe(**{k: feature_probe[k] for k in ("objectness_auc", "class_accuracy", "chance",
+                                                              "images", "cells")})
+        d.causes.append(f"features that do not name the objects where DETR reads them: {probe.text()}; start "
+                        "the backbone from --backbone-weights imagenet (or a file), add dense pretraining "
+                        "(--set pretrain_dense_steps=400), or train it (lr_backbone > 0)")
     if boxes_wh is not None and image_wh is not None:
         share = small_object_share(boxes_wh, image_wh, model_cfg)
         d.facts["small_object_share"] = round(share, 3)

@@ -33,6 +33,7 @@ from ..weights.native import load_native, save_native
 from . import distributed as dist_utils
 from .budget import ScheduleFitter, TimeBudget
 from .feature_cache import cache_part
+from .feature_probe import check_cached_features
 from .backbone_start import BackboneStart, backbone_start_part
 from .resume import Checkpointer
 from .run_data import aspect_grouped, coco_ground_truth, epoch_loader, load_run_data
@@ -226,6 +227,11 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         views = checkpointer.cached_views if resumed else None
         train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress, budget, views=views)
         checkpointer.cached_views = train_set.views
+        if main and not resumed:  # do the frozen features locate and name the objects? (a second's probe)
+            probe = check_cached_features(train_set, model_cfg.num_classes)
+            if probe is not None:
+                start.details["feature_probe"] = probe  # config.json, the checkpoints and the diagnosis
+                run_log.write({"type": "feature_probe", **probe})
     trainer.cached_features = train_cfg.cache_views > 0
     if distributed:
         trainer.runner = dist_utils.wrap_ddp(trainer.module, dev)
@@ -477,8 +483,9 @@ def _diagnose(run: _Run, state: RunState, model_cfg: ModelConfig) -> dict | None
                 boxes = predicted_boxes(run.eval_model, run.validator.val_set, DIAGNOSE_IMAGES, run.device)
             sizes = object_sizes(run.train_index) if run.train_index is not None else (None, None)
             frozen = run.cfg.lr_backbone <= 0 or not model_cfg.train_backbone
-            d = diagnose(state.metrics, state.step, run.backbone_start.kind if run.backbone_start else None,
-                         model_cfg, boxes, *sizes, frozen_backbone=frozen)
+            start = run.backbone_start
+            d = diagnose(state.metrics, state.step, start.kind if start else None, model_cfg, boxes, *sizes,
+                         frozen_backbone=frozen, feature_probe=start.details.get("feature_probe") if start else None)
             if not d.ok:
                 log.warning("%s", d.text())
             result = {**d.to_dict(), "text": d.text()}
