@@ -209,6 +209,9 @@ class TrainConfig(_DictIO):
     # the detector reads them (0: off). Also runs alone, from random weights, with pretrain_steps 0
     pretrain_dense_steps: int = 0
     pretrain_dense_lr: float = 3e-4
+    # "always", or "weak": after the crop phase, only when a linear probe of its features finds they do
+    # not name the objects at the cells (engine/feature_probe.py): the phase's minutes go where they pay
+    pretrain_dense_when: str = "always"
     # frozen backbone only (lr_backbone <= 0): compute its features once for this many augmented views
     # of each training image instead of on every step (engine/feature_cache.py); 0: off
     cache_views: int = 0
@@ -250,6 +253,7 @@ class TrainConfig(_DictIO):
         if self.ema_decay is not None:
             _check("TrainConfig", "ema_decay", self.ema_decay < 1, "below 1 (or null: no EMA)", self.ema_decay)
         _check_sizes(self, "train_scales")
+        _check_choice(self, "pretrain_dense_when", ("always", "weak"))
         _check_sizes(self, "crop_resize")
         _check_sizes(self, "crop_size", 2)
         if self.cache_views > 0 and self.lr_backbone > 0:
@@ -299,10 +303,12 @@ PRESETS: dict[str, Preset] = {
             pretrain_steps=300, cache_views=3, cache_images=3000, fit_schedule_to_time=True, fit_to_data=True,
             # cache_images 3000 (was 12000): a small set's views cost DETR steps; BCCD-RBC, 15 float32 minutes:
             # AP50 0.555 with 15 views (2419 steps) against 0.459 with 41 (1766 steps)
-            # dense pretraining (pretrain_dense_steps, engine/dense_pretrain.py) stays off: in 15 float32 minutes
-            # its time costs DETR more steps than it saves on the main job (AP 0.253 / 0.275 with 175 / 267 dense
-            # steps, 0.306 without) and BCCD (0.049 at 447 steps); on data whose frozen crop features name
-            # little (hard: AP50 0.005) --set pretrain_dense_steps=400 is the fix
+            # dense pretraining (engine/dense_pretrain.py) only where the crop features name little at the cells
+            # (a linear probe decides, engine/feature_probe.py): in 15 float32 minutes its time costs DETR more
+            # steps than it saves on the main job (AP 0.253 / 0.275 with 175 / 267 dense steps, 0.306 without)
+            # and BCCD (0.049 at 447 steps), whose crop features the probe finds good; on hard they name
+            # nothing (AP50 0.003) and 400 dense steps gave 0.21
+            pretrain_dense_steps=400, pretrain_dense_when="weak",
             # training-only convergence switch (engine/convergence.py): the decoder also learns from noised
             # ground truth; inference and the weights stay plain DETR. Group queries (query_groups=3) doubled
             # the step time for no gain per minute: main job, 15 idle float32 minutes, AP50 0.267 with them

@@ -69,6 +69,30 @@ def test_dense_pretraining_alone_is_a_recorded_backbone_start(tmp_path):
     assert start.details["dense_steps"] == 4
 
 
+def test_dense_pretraining_when_weak_runs_only_on_weak_crop_features(tmp_path, monkeypatch):
+    """pretrain_dense_when "weak": a probe of the crop phase's features decides; it is recorded either way."""
+    from detrkit.engine import feature_probe
+
+    index = load_coco(tiny_data(tmp_path / "data", 40))
+    cfg = get_preset("detr-tiny").train
+    cfg.pretrain_steps, cfg.pretrain_batch_size, cfg.pretrain_crop_size = 2, 8, 32
+    cfg.pretrain_dense_steps, cfg.pretrain_dense_when, cfg.amp = 3, "weak", "none"
+    cfg.train_scales, cfg.train_max_size, cfg.crop_resize, cfg.crop_size = [64], 64, [64], [48, 64]
+
+    def start():
+        model = build_model(tiny_model().with_classes(index.class_names, index.category_ids))
+        return start_backbone(model, model.cfg, cfg, DetectionDataset(index), torch.device("cpu"), progress=False)
+
+    weak = start()  # two crop steps name nothing: the probe finds the features weak, the dense phase runs
+    assert weak.details["crop_feature_probe"]["weak"] and weak.details["dense_steps"] == 3
+    assert "windows" in weak.description
+    monkeypatch.setattr(feature_probe, "WEAK_AUC", 0.0)  # any features pass
+    monkeypatch.setattr(feature_probe, "WEAK_CLASSES", -1.0)
+    strong = start()
+    assert not strong.details["crop_feature_probe"]["weak"] and "dense_steps" not in strong.details
+    assert "windows" not in strong.description and strong.kind == "pretrained-crops"
+
+
 def test_dc5_dilation_matches_torchvision_for_bottlenecks():
     """One dilation helper serves both block types; for bottlenecks it equals torchvision's own DC5."""
     import torchvision

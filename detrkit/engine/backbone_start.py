@@ -71,7 +71,17 @@ def self_pretrain(body: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
         what = "box and background crops" if pre.background else "box crops"
         parts.append(f"the training set's {what} ({pre.steps} steps, held-out accuracy {pre.accuracy:.3f})")
         net, details = pre.classifier, pre.to_dict()
-    if train_cfg.pretrain_dense_steps > 0:
+    dense = train_cfg.pretrain_dense_steps > 0
+    if dense and net is not None and train_cfg.pretrain_dense_when == "weak":
+        from .feature_probe import probe_backbone
+
+        probe = probe_backbone(body, dataset, model_cfg, device)
+        dense = probe is not None and probe.weak  # too few objects to tell: no evidence the phase would pay
+        if probe is not None:
+            details["crop_feature_probe"] = {**probe.to_dict(), "weak": probe.weak}
+        log.info("crop features: %s -> dense pretraining %s", probe.text() if probe else "too few objects to probe",
+                 "runs (the features are weak)" if dense else "skipped")
+    if dense:
         from .dense_pretrain import dense_pretrain
 
         dense = dense_pretrain(net, body, dataset, model_cfg, train_cfg, device, progress,

@@ -4,17 +4,18 @@ DETR on a frozen backbone can only learn what the features at its cells carry. A
 the objects of box crops well and still not name them at the cells of a whole image (a crop shows
 an object large and alone; a feature cell of a small object mixes it with its surroundings): on the
 hard synthetic set the crop classifier scored 0.94 on held-out crops while DETR stayed at AP50 0.003.
-The probe finds this in a second, before the DETR steps are spent: on the cached features of some
-training images it fits one linear layer that tells, per feature cell, "no object centre here" from
+The probe finds this in seconds, before the DETR steps are spent: on the features of some training
+images (after the crop phase, where `pretrain_dense_when: weak` lets it decide whether the dense phase
+runs, and again on the feature cache, where the run log reports it) it fits one linear layer that tells, per feature cell, "no object centre here" from
 "the centre of an object of class k", and scores it on other images:
 
   * objectness AUC: how well the cells with an object's centre rank above the rest (0.5: chance);
   * class accuracy at the centre cells, against chance: always naming the commonest class.
 
-Measured on detr-tiny's crop-pretrained ResNet-18 (300 training images, eval-size features): the main
-job's data AUC 0.89, classes 0.53 at chance 0.20 (the run reaches AP50 0.44-0.65); BCCD AUC 0.85,
-classes 0.94 at chance 0.85 (AP50 0.37-0.50); hard AUC 0.81, classes 0.28 at chance 0.25 (AP50 0.003).
-The objectness AUC hardly separates them (crowded cells lower it on BCCD); the class gain does.
+Measured on detr-tiny's crop-pretrained ResNet-18 (300 training images at the inference size, 4 folds):
+the main job's data AUC 0.90, classes 0.52 at chance 0.23 (the run reaches AP50 0.44-0.65); BCCD AUC
+0.84, classes 0.92 at chance 0.85 (AP50 0.37-0.50); hard AUC 0.81, classes 0.30 at chance 0.26 (AP50
+0.003). The objectness AUC hardly separates them (crowded cells lower it on BCCD); the class gain does.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
-PROBE_IMAGES = 300  # the first 3/4 fit the probe, the rest score it
+PROBE_IMAGES = 300
+FOLDS = 4  # each image's cells are scored by a probe fitted on the other three quarters
 PROBE_STEPS = 200
 NEGATIVES_PER_POSITIVE = 4  # background cells kept per centre cell (AUC does not depend on the ratio)
-# below either, DETR on these features has little to go on. Class gain: main 0.41, BCCD 0.58, hard 0.04.
-# AUC: 0.81-0.89 on all three, so only a much lower one (features blind to where objects are) counts
+# below either, DETR on these features has little to go on. Class gain: main 0.38, BCCD 0.49, hard 0.04.
+# AUC: 0.81-0.90 on all three, so only a much lower one (features blind to where objects are) counts
 WEAK_AUC = 0.7
 WEAK_CLASSES = 0.15  # class accuracy above chance, as a share of what is above chance: (acc - c) / (1 - c)
 
@@ -109,25 +111,34 @@ def probe_features(items: list, num_classes: int, max_images: int = PROBE_IMAGES
     if not feats:
         return None
     x, y, image_of = torch.cat(feats), torch.cat(cells), torch.cat(image_of)
-    fit, held = image_of < int(len(pairs) * 0.75), image_of >= int(len(pairs) * 0.75)
-    if int((y[fit] > 0).sum()) < 10 or int((y[held] > 0).sum()) < 10:
+    if int((y > 0).sum()) < 20:
         return None
-    mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
-    x = (x - mean) / std
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], num_classes + 1)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(head(x[fit]), y[fit]).backward()
-        opt.step()
-    with torch.no_grad():
-        p = head(x[held]).softmax(1)
-    centre = y[held] > 0
-    named = y[held][centre]
+    # each image scored by a probe fitted on the other folds: every image counts, none is scored by a fit on it
+    fold = image_of % FOLDS
+    p = torch.empty(len(y), num_classes + 1)
+    for k in range(FOLDS):
+        held = fold == k
+        p[held] = _fit_and_score(x[~held], y[~held], x[held], num_classes + 1, steps, seed)
+    centre = y > 0
+    named = y[centre]
     accuracy = float((p[centre, 1:].argmax(1) + 1 == named).float().mean()) if num_classes > 1 else float("nan")
     chance = float(named.bincount().max()) / len(named)
     return FeatureProbe(_auc(1 - p[:, 0], centre), accuracy, chance, len(pairs), len(y))
+
+
+def _fit_and_score(x_fit: Tensor, y_fit: Tensor, x_score: Tensor, outputs: int, steps: int, seed: int) -> Tensor:
+    """One linear layer fitted (full-batch Adam) on standardised x_fit -> class probabilities of x_score."""
+    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x_fit.shape[1], outputs)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    x_fit = (x_fit - mean) / std
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(head(x_fit), y_fit).backward()
+        opt.step()
+    with torch.no_grad():
+        return head((x_score - mean) / std).softmax(1)
 
 
 def check_cached_features(cache, num_classes: int) -> dict | None:
@@ -148,3 +159,29 @@ def check_cached_features(cache, num_classes: int) -> dict | None:
     else:
         log.info("feature check: %s", probe.text())
     return {**probe.to_dict(), "weak": probe.weak}
+
+
+BACKBONE_PROBE_IMAGES = 300  # whole training images at the inference size: ~30 s on 2 cores at 288 px
+
+
+def probe_backbone(body: torch.nn.Module, dataset, model_cfg, device: torch.device,
+                   images: int = BACKBONE_PROBE_IMAGES) -> FeatureProbe | None:
+    """Probe `body` (a ResNetBody) on the first `images` readable training images of `dataset` (a
+    DetectionDataset), resized as the detector's evaluation resizes them."""
+    from ..data.dataset import DetectionDataset
+    from ..data.transforms import eval_transforms
+
+    samples = DetectionDataset(dataset.index, eval_transforms(model_cfg.image_size, model_cfg.max_image_size),
+                               skip_bad=True)
+    was_training = body.training
+    body.eval()
+    items = []
+    for i in range(len(samples)):
+        if len(items) >= images:
+            break
+        item = samples[i]
+        if isinstance(item, tuple):
+            with torch.no_grad():
+                items.append((body(item[0][None].to(device))[0].float().cpu(), item[1]))
+    body.train(was_training)
+    return probe_features(items, model_cfg.num_classes, max_images=images)
