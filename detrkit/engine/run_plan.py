@@ -58,9 +58,10 @@ def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: i
     if pretraining and cfg.pretrain_dense_steps > 0:
         share = f", at most {budget * DENSE_SHARE:.1f} min" if budget else ""
         steps = min(cfg.pretrain_dense_steps, cfg.max_steps or cfg.pretrain_dense_steps)
-        when = (" if a probe finds the crop features weak" if cfg.pretrain_dense_when == "weak" and cfg.pretrain_steps > 0
-                else "")
-        lines.append(f"  {n}. dense backbone pretraining on windows at the detector's scale: {steps} steps{when}{share}")
+        probed = cfg.pretrain_dense_when == "weak" and cfg.pretrain_steps > 0
+        when = " if a probe finds the crop features weak" if probed else ""
+        lines.append(f"  {n}. dense backbone pretraining on windows at the detector's scale: {steps} steps"
+                     f"{when}{share}")
         n += 1
     if cfg.cache_views > 0:
         share = (f", at most {budget * CACHE_SHARE:.1f} min (fewer views if more would take longer)"
