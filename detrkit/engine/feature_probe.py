@@ -7,7 +7,8 @@ hard synthetic set the crop classifier scored 0.94 on held-out crops while DETR 
 The probe finds this in seconds, before the DETR steps are spent: on the features of some training
 images (after the crop phase, where `pretrain_dense_when: weak` lets it decide whether the dense phase
 runs, and again on the feature cache, where the run log reports it) it fits one linear layer that
-tells, per feature cell, "no object centre here" from "the centre of an object of class k", and scores it on other images:
+tells, per feature cell, "no object centre here" from "the centre of an object of class k", and
+scores it on other images:
 
   * objectness AUC: how well the cells with an object's centre rank above the rest (0.5: chance);
   * class accuracy at the centre cells, against chance: always naming the commonest class.
