@@ -142,10 +142,10 @@ def _fit_and_score(x_fit: Tensor, y_fit: Tensor, x_score: Tensor, outputs: int, 
         return head((x_score - mean) / std).softmax(1)
 
 
-def check_cached_features(cache, num_classes: int) -> dict | None:
+def check_cached_features(cache, num_classes: int, dense_done: bool = False) -> dict | None:
     """Probe the first cached view of a `FeatureCache`, log what it found (a warning when the features are
     weak) -> FeatureProbe.to_dict() with "weak", or None when there were too few objects. Never raises:
-    a diagnostic must not stop a run."""
+    a diagnostic must not stop a run. dense_done: the dense phase ran (advise more of it, not to add it)."""
     try:
         probe = probe_features(cache.items[0], num_classes)
     except Exception as e:  # noqa: BLE001
@@ -155,8 +155,10 @@ def check_cached_features(cache, num_classes: int) -> dict | None:
         return None
     if probe.weak:
         log.warning("feature check: %s. DETR on these frozen features has little to go on: expect a low AP. "
-                    "Better starts: --backbone-weights imagenet (or a file), dense pretraining "
-                    "(--set pretrain_dense_steps=400), or a trainable backbone (lr_backbone > 0).", probe.text())
+                    "Better starts: --backbone-weights imagenet (or a file), %s, or a trainable backbone "
+                    "(lr_backbone > 0).", probe.text(),
+                    "more dense pretraining (a longer --max-minutes)" if dense_done
+                    else "dense pretraining (--set pretrain_dense_steps=400)")
     else:
         log.info("feature check: %s", probe.text())
     return {**probe.to_dict(), "weak": probe.weak}

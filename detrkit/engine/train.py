@@ -228,7 +228,7 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         train_set = cache_part(train_set, model.backbone, train_cfg, dev, main and progress, budget, views=views)
         checkpointer.cached_views = train_set.views
         if main and not resumed:  # do the frozen features locate and name the objects? (a second's probe)
-            probe = check_cached_features(train_set, model_cfg.num_classes)
+            probe = check_cached_features(train_set, model_cfg.num_classes, "dense_steps" in start.details)
             if probe is not None:
                 start.details["feature_probe"] = probe  # config.json, the checkpoints and the diagnosis
                 run_log.write({"type": "feature_probe", **probe})
