@@ -113,13 +113,11 @@ def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pr
                                                 else "") + ": use --backbone-weights imagenet (or a file), "
                         "or pretrain_steps for self-pretraining on the training set")
     if feature_probe is not None and feature_probe.get("weak"):
-        from .feature_probe import FeatureProbe
+        from .feature_probe import FeatureProbe, better_starts
 
-        probe = FeatureProbe(**{k: feature_probe[k] for k in ("objectness_auc", "class_accuracy", "chance",
-                                                              "images", "cells")})
-        d.causes.append(f"features that do not name the objects where DETR reads them: {probe.text()}; start "
-                        "the backbone from --backbone-weights imagenet (or a file), add dense pretraining "
-                        "(--set pretrain_dense_steps=400), or train it (lr_backbone > 0)")
+        probe = FeatureProbe.from_dict(feature_probe)
+        d.causes.append(f"features that do not name the objects where DETR reads them: {probe.text()}; better "
+                        f"starts: {better_starts(feature_probe.get('dense_done', False))}")
     if boxes_wh is not None and image_wh is not None:
         share = small_object_share(boxes_wh, image_wh, model_cfg)
         d.facts["small_object_share"] = round(share, 3)

@@ -69,6 +69,18 @@ class FeatureProbe:
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureProbe":
+        """From to_dict's output, or a record that holds it among other keys."""
+        return cls(**{f: d[f] for f in cls.__dataclass_fields__})
+
+
+def better_starts(dense_done: bool) -> str:
+    """What to do about weak features, in words (the run log's warning and the diagnosis say the same)."""
+    dense = "more dense pretraining (a longer --max-minutes)" if dense_done else \
+        "dense pretraining (--set pretrain_dense_steps=400)"
+    return f"--backbone-weights imagenet (or a file), {dense}, or a trainable backbone (lr_backbone > 0)"
+
 
 def centre_cells(feature_hw: tuple[int, int], target: dict) -> Tensor:
     """Per cell of one image's feature map, 0 or 1 + the class of an object whose box centre lies in it
@@ -155,13 +167,10 @@ def check_cached_features(cache, num_classes: int, dense_done: bool = False) -> 
         return None
     if probe.weak:
         log.warning("feature check: %s. DETR on these frozen features has little to go on: expect a low AP. "
-                    "Better starts: --backbone-weights imagenet (or a file), %s, or a trainable backbone "
-                    "(lr_backbone > 0).", probe.text(),
-                    "more dense pretraining (a longer --max-minutes)" if dense_done
-                    else "dense pretraining (--set pretrain_dense_steps=400)")
+                    "Better starts: %s.", probe.text(), better_starts(dense_done))
     else:
         log.info("feature check: %s", probe.text())
-    return {**probe.to_dict(), "weak": probe.weak}
+    return {**probe.to_dict(), "weak": probe.weak, "dense_done": dense_done}
 
 
 BACKBONE_PROBE_IMAGES = 300  # whole training images at the inference size: ~30 s on 2 cores at 288 px
