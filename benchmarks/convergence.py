@@ -15,6 +15,11 @@ Datasets (prepared once under OUT/data):
   bccd      BCCD (VOC) from ../shared/data/bccd ($DETRKIT_BCCD), splits train / val
   bccd-rbc  BCCD with only the RBC class: ~13 touching cells per image, a constant box cannot score
   main      the main job's data (4000 / 100 images, engine/main_job.py's generator settings)
+Held out (never used to choose a setting; run them to check a change, not to tune it):
+  other     `detrkit data synth --variant other` (3 other shapes: diamond, ring, hexagon; 160-288 px
+            images, up to 6 objects of 10-65% of the shorter side; 2000 train / 200 val, seed 7)
+  coco128   COCO photos from ../shared/data/coco128 ($DETRKIT_COCO128): 80 classes, crowd regions;
+            a fixed seeded hold-out of 20% of the 128 images is the validation split
 Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising
 queries), cdn (denoising with contrastive negatives), groups (group queries), iou (IoU-aware class
 target), enc (the encoder head), all (every switch); `--set key=value` applies to every run. Each row
@@ -52,6 +57,8 @@ VARIANTS: dict[str, dict] = {
 }
 THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
+SHARED_COCO128 = Path(os.environ.get("DETRKIT_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
+DATASETS = ("hard", "bccd", "bccd-rbc", "main", "other", "coco128")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -91,7 +98,21 @@ def prepare(name: str, data_root: Path, bccd: Path = SHARED_BCCD) -> tuple[Path,
         keep = {"RBC"} if name == "bccd-rbc" else None
         return (_write_coco(load_annotations(bccd, split="train"), train_json, keep),
                 _write_coco(load_annotations(bccd, split="val"), val_json, keep))
-    raise ValueError(f"unknown benchmark dataset {name!r}; choose hard, bccd, bccd-rbc or main")
+    if name == "other":
+        from detrkit.data.synthetic import make_synthetic_splits
+
+        return make_synthetic_splits(out, train=2000, val=200, seed=7, variant="other", image_size=(160, 288))
+    if name == "coco128":
+        from detrkit.data.coco import load_coco
+        from detrkit.data.split import hold_out
+
+        ann = SHARED_COCO128 / "annotations" / "instances_train2017.json"
+        if not ann.is_file():
+            raise FileNotFoundError(f"{ann}: coco128 not found (annotations/instances_train2017.json, "
+                                    "images/train2017/)")
+        train, val = hold_out(load_coco(ann, SHARED_COCO128 / "images" / "train2017"), fraction=0.2, seed=0)
+        return _write_coco(train, train_json), _write_coco(val, val_json)
+    raise ValueError(f"unknown benchmark dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 # ---------------------------------------------------------------------------------- shared backbone

@@ -116,6 +116,31 @@ def test_unlisted_images_in_coco_folder(tmp_path):
     assert any("1 image file(s) have no annotation entry (e.g. stray.png)" in w for w in wheres(r.warnings))
 
 
+def test_two_splits_over_one_folder_are_not_unannotated(tmp_path, caplog):
+    """train.json and val.json over one image folder: neither split's images are "unannotated" files of
+    the other; a file that neither lists still is."""
+    import dataclasses
+    import logging
+
+    from detrkit.config import get_preset
+    from detrkit.engine.run_data import load_run_data
+
+    train = write_coco(tmp_path, [("a.jpg", 64, 48), ("b.jpg", 64, 48)], [(0, 1, [1, 1, 30, 30], 0), (1, 2, [5, 5, 20, 20], 0)])
+    train = train.rename(tmp_path / "train.json")
+    val = write_coco(tmp_path, [("c.jpg", 64, 48)], [(0, 1, [2, 2, 25, 25], 0)]).rename(tmp_path / "val.json")
+    preset = get_preset("detr-tiny")
+    cfg = dataclasses.replace(preset.train, fit_to_data=False)
+    with caplog.at_level(logging.WARNING, logger="detrkit"):
+        load_run_data(train, val, preset.model, cfg)
+    assert not [r for r in caplog.records if "no annotation entry" in r.getMessage()]
+    write_image(tmp_path / "stray.png", (20, 20))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detrkit"):
+        load_run_data(train, val, preset.model, cfg)
+    warned = [r.getMessage() for r in caplog.records if "no annotation entry" in r.getMessage()]
+    assert len(warned) == 2 and all("1 image file(s)" in w and "stray.png" in w for w in warned)
+
+
 def test_check_cli(tmp_path, capsys):
     good = write_coco(tmp_path / "good", [("x.jpg", 20, 20)], [(0, 1, [1, 1, 5, 5], 0)])
     assert cli_main(["data", "check", str(good)]) == 0

@@ -225,3 +225,18 @@ def test_a_detection_dataset_knows_each_images_orientation_from_its_declared_siz
               ImageRecord(3, Path("c.jpg"))]
     ds = DetectionDataset(DatasetIndex(images=images, annotations=[], categories=[(1, "x")], source=Path("a.json")))
     assert [ds.landscape(i) for i in range(3)] == [True, False, None]
+
+
+def test_the_feature_cache_never_takes_detrs_share_of_the_budget():
+    """Its share (CACHE_SHARE) after the crops; after a long dense phase only what leaves DETR
+    DETR_SHARE of --max-minutes; nothing once that is gone (the first view still runs: CacheLimit)."""
+    from detrkit.engine.run_plan import CACHE_SHARE, DETR_SHARE, cache_seconds
+
+    cfg = TrainConfig(max_minutes=15)
+    budget = 15 * 60
+    assert cache_seconds(TrainConfig(), 100.0) is None
+    assert cache_seconds(cfg, 180.0) == pytest.approx(budget * CACHE_SHARE)  # after 3 min of crops
+    after_dense = 420.0  # crops and a dense phase: 7 min
+    assert cache_seconds(cfg, after_dense) == pytest.approx(budget * (1 - DETR_SHARE) - after_dense)
+    assert cache_seconds(cfg, after_dense) < budget * CACHE_SHARE
+    assert cache_seconds(cfg, 600.0) == 0.0

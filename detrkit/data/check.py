@@ -170,9 +170,10 @@ def _check_images(index: DatasetIndex, report: CheckReport, decode: bool,
     return sizes
 
 
-def _unlisted_images(index: DatasetIndex) -> list[Problem]:
-    """Image files in the dataset's image folders that no annotation entry lists."""
-    listed = {resolved(im.file) for im in index.images}
+def _unlisted_images(index: DatasetIndex, also_listed: frozenset[Path] = frozenset()) -> list[Problem]:
+    """Image files in the dataset's image folders that no annotation entry lists (resolved paths in
+    `also_listed` belong to another split of the run, e.g. a val.json over the same folder)."""
+    listed = {resolved(im.file) for im in index.images} | also_listed
     out = []
     for folder in sorted({im.file.parent for im in index.images}):
         if not folder.is_dir():
@@ -296,8 +297,10 @@ def _unreadable(path: Path, e: Exception) -> Problem:
 
 
 def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir: str | os.PathLike | None = None,
-                  decode_images: bool = True) -> CheckReport:
+                  decode_images: bool = True, also_listed: frozenset[Path] = frozenset()) -> CheckReport:
     """Check a dataset in any supported format; see `CheckReport`.
+
+    also_listed: resolved image paths another split lists (no "no annotation entry" warning for them).
 
     With `decode_images` every image is fully decoded (finds truncated and corrupt files); without,
     only the headers are read (finds missing, empty and non-image files, and the sizes).
@@ -349,7 +352,7 @@ def check_dataset(path: str | os.PathLike, split: str | None = None, images_dir:
         for p in instance_mask_problems(index.source):
             report.add(p)
     if fmt in ("coco", "voc") and split is None:  # YOLO's reader reports unlabelled images itself
-        for p in _unlisted_images(index):
+        for p in _unlisted_images(index, also_listed):
             report.add(p)
     log.info("checked %s: %d errors, %d warnings", report.source, len(report.errors), len(report.warnings))
     return report

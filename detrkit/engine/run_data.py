@@ -74,11 +74,12 @@ def coco_ground_truth(index: DatasetIndex):
     return coco
 
 
-def check_or_raise(path, split, images_dir, skip_bad: bool) -> None:
-    """Run the dataset checker on an annotation path; errors abort unless skip_bad (then warnings)."""
+def check_or_raise(path, split, images_dir, skip_bad: bool, also_listed: frozenset = frozenset()) -> None:
+    """Run the dataset checker on an annotation path; errors abort unless skip_bad (then warnings).
+    also_listed: resolved image paths of the run's other split (not reported as unannotated files)."""
     from ..data.check import check_dataset
 
-    report = check_dataset(path, split=split, images_dir=images_dir, decode_images=False)
+    report = check_dataset(path, split=split, images_dir=images_dir, decode_images=False, also_listed=also_listed)
     for p in report.warnings[:20]:
         log.warning("%s", p)
     if report.errors:
@@ -88,6 +89,20 @@ def check_or_raise(path, split, images_dir, skip_bad: bool) -> None:
             raise ValueError(f"{path}: {len(report.errors)} dataset errors:\n  {text}{more}")
         log.warning("%s: %d dataset errors (skip_bad: the unreadable samples will be skipped):\n  %s%s", path,
                     len(report.errors), text, more)
+
+
+def _listed(data, images_dir, split) -> frozenset:
+    """The resolved image paths a dataset lists (none when it is absent or unreadable: its own check
+    reports that)."""
+    from ..data.images import resolved
+
+    if data is None:
+        return frozenset()
+    try:
+        index = as_index(data, images_dir, split)
+    except (ValueError, OSError):
+        return frozenset()
+    return frozenset(resolved(im.file) for im in index.images)
 
 
 @dataclass
@@ -122,10 +137,14 @@ def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig
             val_data, val_images_dir, auto_split = train_data, images_dir, False
             log.info("validation: the %r split of %s (training on %r)", val_split, train_data, split)
     if check:  # an index in memory was built by the caller, who can check it
+        # two annotation files over one image folder: each split's images are not "unannotated" in the other
+        # (a named split is not checked for unannotated files at all)
         if not isinstance(train_data, DatasetIndex):
-            check_or_raise(train_data, split, images_dir, cfg.skip_bad)
+            check_or_raise(train_data, split, images_dir, cfg.skip_bad,
+                           _listed(val_data, val_images_dir, val_split) if split is None else frozenset())
         if val_data is not None and not isinstance(val_data, DatasetIndex):
-            check_or_raise(val_data, val_split, val_images_dir, cfg.skip_bad)
+            check_or_raise(val_data, val_split, val_images_dir, cfg.skip_bad,
+                           _listed(train_data, images_dir, split) if val_split is None else frozenset())
     train_index = as_index(train_data, images_dir, split)
     val_index = as_index(val_data, val_images_dir, val_split) if val_data is not None else None
     if not train_index.images:
