@@ -69,7 +69,7 @@ def plan_lines(cfg: TrainConfig, plan: Plan, state: RunState, *, train_images: i
                      f"{when}{share}")
         n += 1
     if cfg.cache_views > 0:
-        share = (f", at most {budget * CACHE_SHARE:.1f} min and leaving DETR at least {budget * DETR_SHARE:.1f} "
+        share = (f", at most {budget * CACHE_SHARE:.1f} min and leaving DETR at least {budget * DETR_SHARE:.1f} min "
                  "(fewer views if more would take longer)" if budget else "")
         from .feature_cache import planned_views
 
