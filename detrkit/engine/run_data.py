@@ -74,9 +74,11 @@ def coco_ground_truth(index: DatasetIndex):
     return coco
 
 
-def check_or_raise(path, split, images_dir, skip_bad: bool, also_listed: frozenset = frozenset()) -> None:
+def check_or_raise(path, split, images_dir, skip_bad: bool,
+                   also_listed: frozenset = frozenset()) -> DatasetIndex | None:
     """Run the dataset checker on an annotation path; errors abort unless skip_bad (then warnings).
-    also_listed: resolved image paths of the run's other split (not reported as unannotated files)."""
+    also_listed: resolved image paths of the run's other split (not reported as unannotated files).
+    -> the index the checker read (None where it reads none: panoptic sets), so it is not read again."""
     from ..data.check import check_dataset
 
     report = check_dataset(path, split=split, images_dir=images_dir, decode_images=False, also_listed=also_listed)
@@ -89,20 +91,24 @@ def check_or_raise(path, split, images_dir, skip_bad: bool, also_listed: frozens
             raise ValueError(f"{path}: {len(report.errors)} dataset errors:\n  {text}{more}")
         log.warning("%s: %d dataset errors (skip_bad: the unreadable samples will be skipped):\n  %s%s", path,
                     len(report.errors), text, more)
+    return report.index
 
 
-def _listed(data, images_dir, split) -> frozenset:
-    """The resolved image paths a dataset lists (none when it is absent or unreadable: its own check
-    reports that)."""
+def _listed(index: DatasetIndex | None) -> frozenset:
+    """The resolved image paths an index lists (none without one)."""
     from ..data.images import resolved
 
+    return frozenset(resolved(im.file) for im in index.images) if index is not None else frozenset()
+
+
+def _try_index(data, images_dir, split) -> DatasetIndex | None:
+    """The index of a dataset, or None when it is absent or unreadable (its own check reports that)."""
     if data is None:
-        return frozenset()
+        return None
     try:
-        index = as_index(data, images_dir, split)
+        return as_index(data, images_dir, split)
     except (ValueError, OSError):
-        return frozenset()
-    return frozenset(resolved(im.file) for im in index.images)
+        return None
 
 
 @dataclass
@@ -136,17 +142,20 @@ def load_run_data(train_data, val_data, model_cfg: ModelConfig, cfg: TrainConfig
             split, val_split = named
             val_data, val_images_dir, auto_split = train_data, images_dir, False
             log.info("validation: the %r split of %s (training on %r)", val_split, train_data, split)
+    checked_train = checked_val = None  # the indexes the checks read, used below instead of a second read
     if check:  # an index in memory was built by the caller, who can check it
         # two annotation files over one image folder: each split's images are not "unannotated" in the other
         # (a named split is not checked for unannotated files at all)
+        val_first = _try_index(val_data, val_images_dir, val_split) if split is None else None
         if not isinstance(train_data, DatasetIndex):
-            check_or_raise(train_data, split, images_dir, cfg.skip_bad,
-                           _listed(val_data, val_images_dir, val_split) if split is None else frozenset())
+            checked_train = check_or_raise(train_data, split, images_dir, cfg.skip_bad, _listed(val_first))
         if val_data is not None and not isinstance(val_data, DatasetIndex):
-            check_or_raise(val_data, val_split, val_images_dir, cfg.skip_bad,
-                           _listed(train_data, images_dir, split) if val_split is None else frozenset())
-    train_index = as_index(train_data, images_dir, split)
-    val_index = as_index(val_data, val_images_dir, val_split) if val_data is not None else None
+            other = checked_train if checked_train is not None else _try_index(train_data, images_dir, split)
+            checked_val = check_or_raise(val_data, val_split, val_images_dir, cfg.skip_bad,
+                                         _listed(other) if val_split is None else frozenset())
+    train_index = checked_train if checked_train is not None else as_index(train_data, images_dir, split)
+    val_index = checked_val if checked_val is not None else (
+        as_index(val_data, val_images_dir, val_split) if val_data is not None else None)
     if not train_index.images:
         raise ValueError(f"{train_index.source}: the training set has no images (check the path"
                          f"{' and --split' if split else ''})")
