@@ -24,14 +24,52 @@ from _train_helpers import StepClock, tiny_data, tiny_model, tiny_train
 def test_box_crops_follow_the_boxes(tmp_path):
     index = load_coco(tiny_data(tmp_path / "data", 6))
     ds = DetectionDataset(index)
-    crops, labels = box_crops(ds, 24, torch.Generator().manual_seed(0))
+    crops, labels, _ = box_crops(ds, 24, torch.Generator().manual_seed(0))
     per_box = [len(ds.boxes(i)[0]) for i in range(len(ds))]
     assert crops.shape == (3 * sum(per_box), 3, 24, 24) and crops.dtype == torch.uint8
     assert labels.shape == (len(crops),)
     assert sorted(labels[::3].tolist()) == sorted(torch.cat([ds.boxes(i)[1] for i in range(len(ds))]).tolist())
     assert (crops.amax(dim=(1, 2, 3)) > 180).all()  # the synthetic shapes are bright: each crop holds one
-    capped, _ = box_crops(ds, 24, torch.Generator().manual_seed(0), max_crops=5)
+    capped = box_crops(ds, 24, torch.Generator().manual_seed(0), max_crops=5).images
     assert 5 <= len(capped) < len(crops)
+
+
+def test_box_crops_say_where_their_box_lies(tmp_path):
+    ds = DetectionDataset(load_coco(tiny_data(tmp_path / "data", 12)))
+    crops, labels, where = box_crops(ds, 32, torch.Generator().manual_seed(0), background=True, each_side=True)
+    is_box = labels < len(ds.index.class_names)
+    assert where[~is_box].isnan().all() and not where[is_box].isnan().any()
+    boxes = where[is_box]
+    assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert centres.std(0).min() > 0.03  # each side its own margin: the box is not always centred
+    # the bright shape is where the box says: brighter inside the box than in the rest of the crop
+    brighter = 0
+    for crop, (x0, y0, x1, y1) in zip(crops[is_box].float().mean(1), (boxes * 32).tolist()):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[int(y0):max(int(y1), int(y0) + 1), int(x0):max(int(x1), int(x0) + 1)] = True
+        brighter += int(crop[inside].mean() > crop[~inside].mean()) if (~inside).any() else 1
+    assert brighter >= 0.9 * len(boxes)
+    # one margin for all four sides (the default): the box sits at the centre unless the image cut it
+    _, labels, where = box_crops(ds, 32, torch.Generator().manual_seed(0), background=True)
+    boxes = where[labels < len(ds.index.class_names)]
+    centred = ((boxes[:, :2] + boxes[:, 2:]) / 2 - 0.5).abs().amax(1) < 0.02
+    assert centred.float().mean() > 0.3 and centres.sub(0.5).abs().amax(1).lt(0.02).float().mean() < centred.float().mean()
+
+
+def test_pretraining_with_the_box_target_learns_where_the_box_is(tmp_path):
+    index = load_coco(tiny_data(tmp_path / "data", 40))
+    ds = DetectionDataset(index)
+    model = build_model(tiny_model().with_classes(index.class_names, index.category_ids)).eval()
+    cfg = TrainConfig(pretrain_steps=160, pretrain_batch_size=32, pretrain_crop_size=32, amp="none", pretrain_box_coef=5.0)
+    result = pretrain_backbone(model.backbone.body, "resnet18", ds, cfg, len(index.class_names), torch.device("cpu"),
+                               progress=False)
+    _, labels, where = box_crops(ds, 32, torch.Generator().manual_seed(1), background=True, each_side=True)
+    boxes = where[labels < len(index.class_names)]
+    constant = (boxes - boxes.mean(0)).abs().mean()  # the L1 of always answering the mean box
+    assert result.box_error < 0.8 * float(constant), (result.box_error, float(constant))
+    assert result.to_dict()["pretrain_box_l1"] == result.box_error
+    assert result.accuracy > 1.5 / len(index.class_names)
 
 
 def test_pretraining_learns_and_hands_its_batch_norm_to_the_frozen_backbone(tmp_path):
@@ -263,7 +301,7 @@ def test_stuff_gives_patches_of_its_region_and_no_background_class(tmp_path):
                                                               "height": 64}], "annotations": anns, "categories": cats}))
     index = load_coco(tmp_path / "a.json")
     assert index.stuff_ids == frozenset({10, 11})
-    crops, labels = box_crops(DetectionDataset(index), 16, torch.Generator().manual_seed(0), background=True)
+    crops, labels, _ = box_crops(DetectionDataset(index), 16, torch.Generator().manual_seed(0), background=True)
     # square (3 crops), sky and ground (one patch each); no background (3)
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 2]
     sky, ground = crops[labels == 1].float(), crops[labels == 2].float()

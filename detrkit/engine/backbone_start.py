@@ -8,6 +8,7 @@ weights, which a frozen backbone cannot recover from -- the log says so.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -69,7 +70,8 @@ def self_pretrain(body: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
         pre = pretrain_backbone(body, model_cfg.backbone, dataset, train_cfg, model_cfg.num_classes, device,
                                 progress, max_seconds=pretrain_seconds(train_cfg))
         what = "box and background crops" if pre.background else "box crops"
-        parts.append(f"the training set's {what} ({pre.steps} steps, held-out accuracy {pre.accuracy:.3f})")
+        placed = "" if math.isnan(pre.box_error) else f", box L1 {pre.box_error:.3f}"
+        parts.append(f"the training set's {what} ({pre.steps} steps, held-out accuracy {pre.accuracy:.3f}{placed})")
         net, details = pre.classifier, pre.to_dict()
     dense = train_cfg.pretrain_dense_steps > 0
     if dense and net is not None and train_cfg.pretrain_dense_when == "weak":

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torchvision
@@ -71,28 +72,42 @@ def _background_box(boxes: Tensor, w: int, h: int, generator: torch.Generator) -
     return None
 
 
+class Crops(NamedTuple):
+    images: Tensor  # [N,3,size,size] uint8
+    labels: Tensor  # [N] int64 (the number of classes for background)
+    boxes: Tensor  # [N,4] float32 xyxy in [0,1] of the crop: where its box lies; nan for background and stuff
+
+
 def box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
-              max_crops: int = MAX_CROPS, background: bool = False) -> tuple[Tensor, Tensor]:
+              max_crops: int = MAX_CROPS, background: bool = False, each_side: bool = False) -> Crops:
     """Crops around the (non-crowd) training boxes, resized to size x size: images in random order
-    until `max_crops`. -> crops [N,3,size,size] uint8, labels [N] int64.
+    until `max_crops`.
     background: also one crop per box cut where no object is (overlap < BACKGROUND_MAX_IOU), labelled
-    the number of classes (one class more). Unreadable images are skipped with a warning."""
+    the number of classes (one class more). each_side: every side of a box crop gets its own margin
+    (else one margin for all four), so the box is anywhere in the crop, not only at its centre.
+    Unreadable images are skipped with a warning."""
     threads = torch.get_num_threads()
     # each crop is a few tiny ops: with two threads their synchronisation costs 50x the work (19 vs
     # 0.3 ms a crop measured on a busy 2-core machine)
     torch.set_num_threads(1)
     try:
-        return _box_crops(dataset, size, generator, max_crops, background)
+        return _box_crops(dataset, size, generator, max_crops, background, each_side)
     finally:
         torch.set_num_threads(threads)
 
 
+def _margins(generator: torch.Generator, each_side: bool) -> list[float]:
+    """Left, top, right, bottom margins as shares of the box's longer side, in [0.05, 0.6]."""
+    draws = torch.rand(4 if each_side else 1, generator=generator).tolist()
+    return [0.05 + 0.55 * d for d in (draws if each_side else draws * 4)]
+
+
 def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator, max_crops: int,
-               background: bool) -> tuple[Tensor, Tensor]:
+               background: bool, each_side: bool) -> Crops:
     num_classes = len(dataset.index.class_names)
     to_index = dataset.index.category_to_index
     stuff = {to_index[cid] for cid in dataset.index.stuff_ids if cid in to_index}
-    crops, labels = [], []
+    crops, labels, where = [], [], []
     order = torch.randperm(len(dataset), generator=generator).tolist()
     for i in tqdm(order, desc="crops", leave=False, disable=len(dataset) < 500):
         if len(crops) >= max_crops:
@@ -108,16 +123,19 @@ def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
             continue
         h, w = image.shape[-2:]
 
-        def cut(x0, y0, x1, y1, label, margin):
-            m = margin * max(x1 - x0, y1 - y0)
-            top, left = max(0, int(y0 - m)), max(0, int(x0 - m))
-            bottom, right = min(h, math.ceil(y1 + m)), min(w, math.ceil(x1 + m))
+        def cut(x0, y0, x1, y1, label, margins, is_box):
+            longer = max(x1 - x0, y1 - y0)
+            left, top = max(0, int(x0 - margins[0] * longer)), max(0, int(y0 - margins[1] * longer))
+            right, bottom = min(w, math.ceil(x1 + margins[2] * longer)), min(h, math.ceil(y1 + margins[3] * longer))
             if bottom <= top or right <= left:
                 return
             crop = image[None, :, top:bottom, left:right].float()
             crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
             crops.append(crop.round().clamp(0, 255).to(torch.uint8))
             labels.append(label)
+            cw, ch = right - left, bottom - top
+            where.append([(x0 - left) / cw, (y0 - top) / ch, (x1 - left) / cw, (y1 - top) / ch] if is_box
+                         else [math.nan] * 4)
 
         for (x0, y0, x1, y1), c in zip(boxes.tolist(), classes.tolist()):
             is_stuff = c in stuff
@@ -126,17 +144,18 @@ def _box_crops(dataset: DetectionDataset, size: int, generator: torch.Generator,
                     side = min(x1 - x0, y1 - y0) * (0.3 + 0.4 * float(torch.rand((), generator=generator)))
                     px = x0 + float(torch.rand((), generator=generator)) * (x1 - x0 - side)
                     py = y0 + float(torch.rand((), generator=generator)) * (y1 - y0 - side)
-                    cut(px, py, px + side, py + side, c, 0.0)
+                    cut(px, py, px + side, py + side, c, [0.0] * 4, False)
                 else:
-                    cut(x0, y0, x1, y1, c, 0.05 + 0.55 * float(torch.rand((), generator=generator)))
+                    cut(x0, y0, x1, y1, c, _margins(generator, each_side), True)
         if background and not stuff:  # with stuff every pixel is labelled: a "background" patch is stuff
             for _ in range(len(boxes) * CROPS_PER_BOX):
                 bg = _background_box(boxes, w, h, generator)
                 if bg is not None:
-                    cut(*bg, num_classes, 0.05 + 0.55 * float(torch.rand((), generator=generator)))
+                    cut(*bg, num_classes, _margins(generator, False), False)
     if not crops:
         raise ValueError(f"{dataset.index.source}: backbone pretraining needs boxes, and the training set has none")
-    return torch.stack(crops), torch.tensor(labels, dtype=torch.int64)
+    return Crops(torch.stack(crops), torch.tensor(labels, dtype=torch.int64),
+                 torch.tensor(where, dtype=torch.float32).clamp(0, 1))
 
 
 def _normalise(crops: Tensor) -> Tensor:
@@ -168,10 +187,13 @@ class PretrainResult:
     classifier: nn.Module  # the trained torchvision ResNet, in eval mode
     steps: int = 0  # steps run (fitted to --max-steps / the time share)
     background: bool = False  # background crops were one more class
+    box_error: float = float("nan")  # held-out mean L1 of the box in the crop (nan without pretrain_box_coef)
 
     def to_dict(self) -> dict[str, float]:
-        return {"pretrain_accuracy": self.accuracy, "pretrain_crops": float(self.num_crops),
-                "pretrain_steps": self.steps}
+        d = {"pretrain_accuracy": self.accuracy, "pretrain_crops": float(self.num_crops), "pretrain_steps": self.steps}
+        if not math.isnan(self.box_error):
+            d["pretrain_box_l1"] = self.box_error
+        return d
 
 
 def pretrain_steps_for(cfg: TrainConfig) -> int:
@@ -194,7 +216,9 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     background = cfg.pretrain_background and not dataset.index.stuff_ids
     # no more crops than the steps will see once (cutting them is the slow part on many small boxes)
     max_crops = min(MAX_CROPS, max(1000, cfg.pretrain_steps * cfg.pretrain_batch_size))
-    crops, labels = box_crops(dataset, cfg.pretrain_crop_size, g, max_crops, background=background)
+    box_coef = cfg.pretrain_box_coef
+    crops, labels, where = box_crops(dataset, cfg.pretrain_crop_size, g, max_crops, background=background,
+                                     each_side=box_coef > 0)
     if not background and num_classes == 1:
         log.warning("backbone pretraining: one class and no background crops, so crop classification "
                     "teaches nothing (set pretrain_background)")
@@ -203,7 +227,9 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
     n_val = int(len(crops) * HELD_OUT) if len(crops) >= 20 else 0
     val, train = order[:n_val], order[n_val:]
     torch.manual_seed(cfg.seed)
-    net = getattr(torchvision.models, backbone_name)(num_classes=num_classes).to(device)
+    # with box_coef the last 4 outputs are the box in the crop (xyxy in [0,1], through a sigmoid)
+    outputs = num_classes + (4 if box_coef > 0 else 0)
+    net = getattr(torchvision.models, backbone_name)(num_classes=outputs).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device) == "bf16")
     bs = min(cfg.pretrain_batch_size, len(train))
@@ -221,18 +247,39 @@ def pretrain_backbone(body: nn.Module, backbone_name: str, dataset: DetectionDat
         flip = torch.rand(bs, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         with torch.autocast(**amp):
-            loss = F.cross_entropy(net(x).float(), labels[pick].to(device))
+            out = net(x).float()
+        loss = F.cross_entropy(out[:, :num_classes], labels[pick].to(device))
+        if box_coef > 0:
+            loss = loss + box_coef * _box_loss(out[:, num_classes:], _flip_boxes(where[pick], flip).to(device))
         optimizer_step(opt, loss, bar, step)
         step += 1
     bar.close()
     net.eval()
-    accuracy = float("nan")
+    accuracy = box_error = float("nan")
     if n_val:
         with torch.no_grad(), torch.autocast(**amp):
-            pred = torch.cat([net(_normalise(crops[val[i:i + 256]]).to(device)).argmax(1).cpu() for i in range(0, n_val, 256)])
-        accuracy = float((pred == labels[val]).float().mean())
+            out = torch.cat([net(_normalise(crops[val[i:i + 256]]).to(device)).float().cpu() for i in range(0, n_val, 256)])
+        accuracy = float((out[:, :num_classes].argmax(1) == labels[val]).float().mean())
+        if box_coef > 0:
+            box_error = float(_box_loss(out[:, num_classes:], where[val]))
     load_net_into_body(net, body)
-    log.info("backbone pretrained on %d crops (%s) for %d steps: held-out accuracy %.3f", len(crops),
-             "boxes and background" if background else "boxes", step, accuracy)
-    return PretrainResult(accuracy, len(crops), net, step, background)
+    log.info("backbone pretrained on %d crops (%s) for %d steps: held-out accuracy %.3f%s", len(crops),
+             "boxes and background" if background else "boxes", step, accuracy,
+             f", box L1 {box_error:.3f} of the crop side" if box_coef > 0 else "")
+    return PretrainResult(accuracy, len(crops), net, step, background, box_error)
+
+
+def _flip_boxes(boxes: Tensor, flip: Tensor) -> Tensor:
+    """boxes [N,4] xyxy in [0,1] of crops mirrored left-right where flip [N] is set."""
+    mirrored = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1)
+    return torch.where(flip[:, None], mirrored, boxes)
+
+
+def _box_loss(raw: Tensor, target: Tensor) -> Tensor:
+    """Mean L1 between sigmoid(raw) [N,4] and target [N,4] xyxy over the crops that have a box
+    (target not nan); 0 when none has."""
+    has_box = ~target.isnan().any(1)
+    if not has_box.any():
+        return raw.sum() * 0
+    return F.l1_loss(raw[has_box].sigmoid(), target[has_box])
 
