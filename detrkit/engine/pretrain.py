@@ -13,6 +13,10 @@ scale. With `background` (TrainConfig.pretrain_background) the crops of boxes ar
 crops of the same sizes cut where no object is, as one more class: object-vs-background is never
 trivial, and it is what a detector's features need first.
 
+With `pretrain_box_coef` (TrainConfig) each side of a box crop gets its own margin and the classifier
+also gives the box's place in its crop (four more outputs, L1): crop classification alone teaches what
+an object is, not where its edges are, and a frozen backbone's features are all DETR's box head reads.
+
 Stuff classes (categories with COCO panoptic's `isthing: 0`, e.g. sky) are regions, not objects: their
 box spans much of the image, and squashed into one crop it mixes every region it touches. Their crops
 are square patches inside the box instead, and with stuff every pixel is labelled, so no background
