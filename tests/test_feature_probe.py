@@ -53,6 +53,15 @@ def test_the_probe_tells_informative_features_from_noise():
     assert probe_features(_items(4, True), 4) is None  # too few objects to say anything
 
 
+def test_the_probe_leaves_the_runs_random_stream_alone():
+    # a diagnostic between the feature cache and DETR's steps: reseeding there would change the run
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe_features(_items(30, True), 4, steps=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_a_weak_probe_is_logged_and_named_as_a_cause(caplog):
     class Cache:
         items = [_items(120, False)]

@@ -12,13 +12,14 @@ from detrkit.engine.input_fit import MAX_UPSCALE, SIZE_STEP, fit_input, fit_to_d
 from _train_helpers import tiny_data, tiny_model, tiny_train
 
 
-def _index(boxes_per_image, side=200, size=(640, 480)):
+def _index(boxes_per_image, side=200, size=(640, 480), classes=("cell", "blob")):
+    """Every object is a "cell"; the index names `classes` (one class changes the crop phase)."""
     images, anns = [], []
     for i, n in enumerate(boxes_per_image):
         images.append(ImageRecord(i + 1, Path(f"/nowhere/{i}.jpg"), *size))
         for _ in range(n):
             anns.append(Annotation(len(anns) + 1, i + 1, 1, [5.0, 5.0, float(side), float(side)]))
-    return DatasetIndex(images, anns, [(1, "cell")], Path("/nowhere"))
+    return DatasetIndex(images, anns, list(enumerate(classes, 1)), Path("/nowhere"))
 
 
 def _tiny():
@@ -74,6 +75,19 @@ def test_crowded_images_train_without_denoising_queries():
     assert crowded.dn_groups == 0 and "denoising queries off (each of the 4 groups would repeat up to 28" in said
     _, sparse, said = fit_to_data(_index([16, 3]), model, train)  # 16 objects fit the 20 queries
     assert sparse.dn_groups == 4 and "denoising" not in said
+
+
+def test_one_class_data_pretrains_without_the_box_target():
+    model, train = _tiny()
+    assert train.pretrain_box_coef > 0
+    _, one, said = fit_to_data(_index([4, 2, 1], classes=("cell",)), model, train)
+    assert one.pretrain_box_coef == 0 and "the crop phase places no boxes (one class" in said
+    assert dataclasses.replace(one, pretrain_box_coef=train.pretrain_box_coef) == train  # nothing else changed
+    _, two, said = fit_to_data(_index([4, 2, 1]), model, train)
+    assert two.pretrain_box_coef == train.pretrain_box_coef and said == ""
+    # a preset without the box target says nothing about it
+    off = dataclasses.replace(train, pretrain_box_coef=0.0)
+    assert fit_to_data(_index([4, 2, 1], classes=("cell",)), model, off)[1:] == (off, "")
 
 
 def test_dense_images_get_the_papers_no_object_balance():

@@ -142,8 +142,9 @@ def probe_features(items: list, num_classes: int, max_images: int = PROBE_IMAGES
 def _fit_and_score(x_fit: Tensor, y_fit: Tensor, x_score: Tensor, outputs: int, steps: int, seed: int) -> Tensor:
     """One linear layer fitted (full-batch Adam) on standardised x_fit -> class probabilities of x_score."""
     mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x_fit.shape[1], outputs)
+    with torch.random.fork_rng(devices=[]):  # a diagnostic: the run's own random stream stays as it was
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x_fit.shape[1], outputs)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
     x_fit = (x_fit - mean) / std
     for _ in range(steps):
