@@ -39,3 +39,14 @@ def test_a_failed_run_names_its_causes_and_a_good_one_is_quiet():
     # low AP with none of the checked causes: says so, names no cause
     d = diagnose({"AP50": 0.02}, 8000, "imagenet", cfg)
     assert not d.ok and d.causes == [] and "No known cause" in d.text()
+
+
+def test_a_class_head_at_chance_is_a_failure_sign():
+    """BCCD-RBC's stuck runs: boxes learned, AP50 0.07 (above the AP sign), 90% of the matched queries
+    called "no object" in the last steps. A run out of that plateau (40%) is quiet."""
+    cfg = ModelConfig(image_size=224, max_image_size=352)
+    stuck = diagnose({"AP50": 0.07}, 1956, "pretrained-crops", cfg, class_error=92.0)
+    assert not stuck.ok and "class head is still at chance" in stuck.text() and "92%" in stuck.text()
+    assert "too few steps: 1956" in stuck.text() and stuck.facts["class_error"] == 92.0
+    learning = diagnose({"AP50": 0.35}, 2094, "pretrained-crops", cfg, class_error=40.0)
+    assert learning.ok and learning.facts["class_error"] == 40.0

@@ -13,6 +13,7 @@ import torch
 from detrkit import Detector
 from detrkit.cli import main as cli_main
 from detrkit.engine.checkpoint import load_checkpoint
+from detrkit.engine.run_log import LOG_EVERY_STEPS
 from detrkit.engine.train import plateaued, train
 
 from _train_helpers import StepClock, tiny_data, tiny_model, tiny_train
@@ -129,6 +130,8 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     d = result.diagnosis
     assert d is not None and not d["ok"] and "too few steps" in d["text"]
     assert summary["diagnosis"]["problems"] == d["problems"]
+    if result.step >= LOG_EVERY_STEPS:  # a training window was logged: its class error reached the diagnosis
+        assert 0 <= d["class_error"] <= 100
 
 
 def test_evaluations_take_a_bounded_share_of_a_timed_run(tmp_path):

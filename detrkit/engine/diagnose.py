@@ -1,10 +1,12 @@
 """Say what happened: a run that learned nothing says so in plain words, with its likely causes.
 
 "AP stays 0 on my dataset" is DETR's most common complaint, and the numbers alone do not say why.
-`diagnose` looks at the end of a run for the two failure signs -- AP50 below 0.05, and query slots that
-put the same box on every image (or many slots on the same box of one image: the model has not left
-DETR's symmetric start) -- and names the causes it can check: too few steps, a random backbone,
-objects smaller than a feature cell at the input size the model sees.
+`diagnose` looks at the end of a run for the failure signs -- AP50 below 0.05; query slots that put the
+same box on every image (or many slots on the same box of one image: the model has not left DETR's
+symmetric start); a class head still at chance (most matched queries called "no object" in the last
+training steps: the boxes learn, the scores do not) -- and names the causes it can check: too few
+steps, a random backbone, features that do not name the objects, objects smaller than a feature cell
+at the input size the model sees.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ STILL_SLOT = 0.03  # mean L1 distance (normalised cxcywh) of a slot's boxes to t
 DUPLICATE_IOU = 0.9  # within one image, boxes this close count as one box
 FEW_STEPS = 3000  # DETR's set prediction needs thousands of steps before it leaves the symmetric start
 SMALL_SHARE = 0.25  # warn when this share of the training objects is smaller than a feature cell
+# matched queries called "no object", % (the training log's class_error): BCCD-RBC runs stuck at chance sat
+# at 85-99% for 2000 steps; runs that learn fall under 50% once out of the plateau (BCCD: 37% at the end)
+AT_CHANCE = 80.0
 
 
 @dataclass
@@ -87,10 +92,11 @@ def small_object_share(boxes_wh: Tensor, image_wh: Tensor, model_cfg) -> float:
 
 def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pred_boxes: Tensor | None = None,
              boxes_wh: Tensor | None = None, image_wh: Tensor | None = None, frozen_backbone: bool = True,
-             feature_probe: dict | None = None) -> Diagnosis:
+             feature_probe: dict | None = None, class_error: float | None = None) -> Diagnosis:
     """metrics: the last evaluation (AP50 may be absent: no validation set); pred_boxes [N,Q,4] the final
     model's boxes on some validation images; boxes_wh / image_wh: the training objects' sizes;
-    feature_probe: the cached features' probe (engine/feature_probe.py), as check_cached_features gives it."""
+    feature_probe: the cached features' probe (engine/feature_probe.py), as check_cached_features gives it;
+    class_error: % of the matched queries misclassified over the last logged training steps."""
     d = Diagnosis()
     ap50 = metrics.get("AP50")
     if ap50 is not None and ap50 < LOW_AP50:
@@ -102,12 +108,19 @@ def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pr
             d.problems.append(f"{still:.0%} of the query slots predict the same box on every image")
         elif dup > 0.5:
             d.problems.append(f"on a typical image {dup:.0%} of the query slots predict one and the same box")
+    if class_error is not None:
+        d.facts["class_error"] = round(class_error, 1)
+        if class_error >= AT_CHANCE:
+            d.problems.append(f"the class head is still at chance: in the last training steps {class_error:.0f}% "
+                              "of the queries matched to an object were scored \"no object\" (the boxes learn, "
+                              "the scores do not)")
     if not d.problems:
         return d
     if steps < FEW_STEPS:
         d.causes.append(f"too few steps: {steps} optimizer steps; DETR usually needs several thousand before "
-                        "its queries specialise (give it more time, or the convergence switches dn_groups / "
-                        "query_groups)")
+                        "its queries specialise, and its class head leaves chance only after hundreds (later on "
+                        "crowded images of one class) (give it more time, or the convergence switches dn_groups "
+                        "/ query_groups)")
     if backbone_kind == "random":
         d.causes.append("a random backbone" + (" that stays frozen, so its features never improve" if frozen_backbone
                                                 else "") + ": use --backbone-weights imagenet (or a file), "

@@ -49,6 +49,7 @@ class RunLog:
         self._window: dict[str, float] = {}
         self._window_n = self._window_images = 0
         self._window_t = clock()
+        self.last_train: dict[str, float] = {}  # the last logged window's averages (the diagnosis reads them)
 
     def write(self, record: dict) -> None:
         """One line of metrics.jsonl."""
@@ -100,6 +101,7 @@ class RunLog:
             return
         now = self.clock()
         avg = {k: v / self._window_n for k, v in self._window.items()}
+        self.last_train = avg
         ips = self._window_images / max(now - self._window_t, 1e-9)
         self.write({"type": "train", "step": state.step, "epoch": state.epoch + state.batches_done / plan.batches_per_epoch,
                     "lr": lr, "images_per_s": ips, "grad_norm": outcome.grad_norm, **avg})

@@ -485,7 +485,8 @@ def _diagnose(run: _Run, state: RunState, model_cfg: ModelConfig) -> dict | None
             frozen = run.cfg.lr_backbone <= 0 or not model_cfg.train_backbone
             start = run.backbone_start
             d = diagnose(state.metrics, state.step, start.kind if start else None, model_cfg, boxes, *sizes,
-                         frozen_backbone=frozen, feature_probe=start.details.get("feature_probe") if start else None)
+                         frozen_backbone=frozen, feature_probe=start.details.get("feature_probe") if start else None,
+                         class_error=run.run_log.last_train.get("class_error"))
             if not d.ok:
                 log.warning("%s", d.text())
             result = {**d.to_dict(), "text": d.text()}
