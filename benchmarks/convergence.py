@@ -18,11 +18,13 @@ Datasets (prepared once under OUT/data):
 Held out (never used to choose a setting; run them to check a change, not to tune it):
   other     `detrkit data synth --variant other` (3 other shapes: diamond, ring, hexagon; 160-288 px
             images, up to 6 objects of 10-65% of the shorter side; 2000 train / 200 val, seed 7)
+  other-one `other` with its three shapes merged into one class: one-class data nobody tuned for
   coco128   COCO photos from ../shared/data/coco128 ($DETRKIT_COCO128): 80 classes, crowd regions;
             a fixed seeded hold-out of 20% of the 128 images is the validation split
 Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising
 queries), cdn (denoising with contrastive negatives), groups (group queries), iou (IoU-aware class
-target), enc (the encoder head), all (every switch); `--set key=value` applies to every run. Each row
+target), enc (the encoder head), hybrid (one-to-many matching in the decoder layers before the last),
+all (every switch); `--set key=value` applies to every run. Each row
 records the switches as the run trained them (read back from its config.json): fit_to_data turns the
 denoising queries off on crowded images, and the row's note says so.
 """
@@ -40,11 +42,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detrkit.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
+from detrkit.config import ModelConfig, TrainConfig, apply_overrides, get_preset, parse_sets  # noqa: E402
 
 log = logging.getLogger("convergence")
 
-_OFF = {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": False, "enc_aux_coef": 0.0}
+_OFF = {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": False, "enc_aux_coef": 0.0,
+        "one_to_many": 1}
 VARIANTS: dict[str, dict] = {
     "preset": {},  # the preset exactly as shipped
     "base": _OFF,
@@ -53,12 +56,14 @@ VARIANTS: dict[str, dict] = {
     "groups": {**_OFF, "query_groups": 3},
     "iou": {**_OFF, "iou_aware": True},
     "enc": {**_OFF, "enc_aux_coef": 1.0},
-    "all": {"dn_groups": 4, "dn_negatives": True, "query_groups": 3, "iou_aware": True, "enc_aux_coef": 1.0},
+    "hybrid": {**_OFF, "one_to_many": 3},
+    "all": {"dn_groups": 4, "dn_negatives": True, "query_groups": 3, "iou_aware": True, "enc_aux_coef": 1.0,
+            "one_to_many": 3},
 }
 THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
 SHARED_COCO128 = Path(os.environ.get("DETRKIT_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
-DATASETS = ("hard", "bccd", "bccd-rbc", "main", "other", "coco128")
+DATASETS = ("hard", "bccd", "bccd-rbc", "main", "other", "other-one", "coco128")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -71,6 +76,19 @@ def _write_coco(index, path: Path, keep: set[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(coco))
     return path
+
+
+def _one_class(src: Path, dst: Path) -> Path:
+    """src's COCO file with every category merged into one, image paths made absolute."""
+    coco = json.loads(src.read_text())
+    for im in coco["images"]:
+        im["file_name"] = str((src.parent / im["file_name"]).resolve())
+    for a in coco["annotations"]:
+        a["category_id"] = 1
+    coco["categories"] = [{"id": 1, "name": "shape", "supercategory": "shape"}]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(coco))
+    return dst
 
 
 def prepare(name: str, data_root: Path, bccd: Path = SHARED_BCCD) -> tuple[Path, Path]:
@@ -102,6 +120,8 @@ def prepare(name: str, data_root: Path, bccd: Path = SHARED_BCCD) -> tuple[Path,
         from detrkit.data.synthetic import make_synthetic_splits
 
         return make_synthetic_splits(out, train=2000, val=200, seed=7, variant="other", image_size=(160, 288))
+    if name == "other-one":  # held out too: `other` with its three shapes as one class "shape"
+        return tuple(_one_class(src, dst) for src, dst in zip(prepare("other", data_root), (train_json, val_json)))
     if name == "coco128":
         from detrkit.data.coco import load_coco
         from detrkit.data.split import hold_out
@@ -152,21 +172,6 @@ def shared_backbone(dataset: str, train_json: Path, model_cfg: ModelConfig, trai
 
 
 # -------------------------------------------------------------------------------------------- run
-def _override(cfg, values: dict):
-    names = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
-
-
-def _parse_sets(sets: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for s in sets:
-        key, _, value = s.partition("=")
-        out[key.rpartition(".")[2]] = yaml.safe_load(value)
-    return out
-
-
 def first_reach(evals: list[dict], step_minutes: dict[int, float], threshold: float) -> float | None:
     """Minutes (run start to the evaluation's step) of the first evaluation with AP50 >= threshold."""
     for e in evals:
@@ -215,8 +220,9 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
 
     train_json, val_json = prepare(dataset, out / "data")
     p = get_preset(preset)
-    model_cfg: ModelConfig = _override(p.model, sets)
-    train_cfg: TrainConfig = _override(_override(p.train, VARIANTS[variant]), sets)
+    # the library's own override rules: a value is coerced to its field's type (`lr=5e-4` is a number)
+    model_cfg, train_cfg = apply_overrides(p.model, p.train, VARIANTS[variant], f"variant {variant}")
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets, "--set")
     train_cfg.max_minutes = minutes
     pretrain_minutes = None
     if reuse_backbone and train_cfg.backbone_weights == "none" and (train_cfg.pretrain_steps > 0
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
-        sets = _parse_sets(args.set)
+        sets = parse_sets(args.set)
         for dataset in args.datasets.split(","):
             for variant in args.variants.split(","):
                 if variant not in VARIANTS:

@@ -178,6 +178,11 @@ class TrainConfig(_DictIO):
     dn_query_budget: float = 2.0
     query_groups: int = 1  # Group DETR: this many query sets at training time, one-to-one matching in each
     iou_aware: bool = False  # class target of a matched query = IoU of its box (the rest to "no object")
+    # hybrid layers (H-DETR): the decoder layers before the last match each target this many times (1 = off)
+    one_to_many: int = 1
+    # guided cross-attention: each matched query's cross-attention (mean over heads, every decoder layer) is
+    # taught to put its mass on the feature cells inside its target box; weight in the total (0 = off)
+    attn_guide_coef: float = 0.0
     # dense head on the encoder memory (Co-DETR's auxiliary head, training-only): each feature cell near
     # an object's centre predicts its class and box; weight of its losses in the total (0 = off)
     enc_aux_coef: float = 0.0
@@ -250,6 +255,7 @@ class TrainConfig(_DictIO):
             "seed": (0, False), "checkpoint_every_steps": (0, True), "checkpoint_every_epochs": (0, False),
             "eval_every_epochs": (0, False), "dn_groups": (0, False), "dn_box_noise": (0, False),
             "dn_label_noise": (0, False), "dn_loss_coef": (0, False), "dn_query_budget": (0, False), "query_groups": (1, False),
+            "one_to_many": (1, False), "attn_guide_coef": (0, False),
             "enc_aux_coef": (0, False)})
         _check("TrainConfig", "dn_label_noise", self.dn_label_noise <= 1, "at most 1", self.dn_label_noise)
         if not isinstance(self.backbone_weights, str) or not self.backbone_weights.strip():

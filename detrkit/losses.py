@@ -23,12 +23,20 @@ class SetCriterion(nn.Module):
     iou_aware (training-only switch): a matched query's class target is its box's IoU with the target on
     the class and the rest on "no object" instead of all on the class, so a query's score learns to rank
     its box's quality (what AP rewards); the weighted mean stays the paper's.
+    one_to_many (training-only switch, H-DETR's hybrid layers): every decoder layer but the last is
+    matched to each target this many times (fewer where the queries run short), so the early layers and
+    the shared class head learn "a box on an object" from several queries at once; the last layer, the
+    one inference reads, keeps one-to-one matching and learns to keep one box per object.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, eos_coef: float = 0.1,
-                 weight_dict: dict[str, float] | None = None, iou_aware: bool = False):
+                 weight_dict: dict[str, float] | None = None, iou_aware: bool = False, one_to_many: int = 1):
         super().__init__()
         self.iou_aware = iou_aware
+        self.one_to_many = one_to_many
+        # training-only terms on each layer's matched pairs: f(layer output, batch_idx [M], pred_idx [M],
+        # target boxes [M,4], num_boxes) -> {name: scalar}; weighed by the caller (engine/convergence.py)
+        self.matched_terms = None
         if num_classes < 1:
             raise ValueError(f"SetCriterion: num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -48,7 +56,8 @@ class SetCriterion(nn.Module):
         matcher = HungarianMatcher(train_cfg.set_cost_class, train_cfg.set_cost_bbox, train_cfg.set_cost_giou)
         weights = {"loss_ce": train_cfg.ce_loss_coef, "loss_bbox": train_cfg.bbox_loss_coef,
                    "loss_giou": train_cfg.giou_loss_coef}
-        return cls(num_classes, matcher, train_cfg.eos_coef, weights, getattr(train_cfg, "iou_aware", False))
+        return cls(num_classes, matcher, train_cfg.eos_coef, weights, getattr(train_cfg, "iou_aware", False),
+                   getattr(train_cfg, "one_to_many", 1))
 
     def _layer_losses(self, out: dict, targets: list[dict], num_boxes: float, final: bool) -> dict[str, Tensor]:
         logits = out["pred_logits"].float()  # [B,Q,C+1]
@@ -79,6 +88,9 @@ class SetCriterion(nn.Module):
             box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"),
             reduction="sum", eps=0.0) / num_boxes
 
+        if self.matched_terms is not None:
+            losses.update(self.matched_terms(out, batch_idx, pred_idx, tgt_boxes, num_boxes))
+
         with torch.no_grad():
             n_pred = (logits.argmax(-1) != self.num_classes).sum(1).float()
             n_true = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)
@@ -100,8 +112,12 @@ class SetCriterion(nn.Module):
         num_boxes = num_boxes.clamp(min=1).item()
 
         losses = self._layer_losses(outputs, targets, num_boxes, final=True)
+        aux_targets, aux_boxes = targets, num_boxes
+        if self.one_to_many > 1:
+            aux_targets = repeat_targets(targets, self.one_to_many, outputs["pred_logits"].shape[1])
+            aux_boxes = num_boxes * sum(len(t["labels"]) for t in aux_targets) / max(1, sum(len(t["labels"]) for t in targets))
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            aux_losses = self._layer_losses(aux, targets, num_boxes, final=False)
+            aux_losses = self._layer_losses(aux, aux_targets, aux_boxes, final=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
 
@@ -112,6 +128,16 @@ class SetCriterion(nn.Module):
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """The weighted sum that is back-propagated."""
         return sum(losses[k] * self.weight(k) for k in losses if self.weight(k) != 0)
+
+
+def repeat_targets(targets: list[dict], k: int, num_queries: int) -> list[dict]:
+    """Each image's targets repeated k times (one-to-many matching), or as often as its queries allow
+    (at least once): [N_b] -> [N_b * min(k, num_queries // N_b)]."""
+    out = []
+    for t in targets:
+        times = max(1, min(k, num_queries // max(1, len(t["labels"]))))
+        out.append({**t, "labels": t["labels"].repeat(times), "boxes": t["boxes"].repeat(times, 1)})
+    return out
 
 
 def split_aux(name: str) -> tuple[str, int | None]:

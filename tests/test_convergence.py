@@ -186,20 +186,66 @@ def test_iou_aware_class_target():
     assert torch.allclose(aware(out, [tgt])["loss_ce"], (w * nll).sum() / w.sum(), atol=1e-6)
 
 
+def test_one_to_many_matches_each_target_several_times_in_the_early_layers_only():
+    """Hybrid layers: the auxiliary layer's two queries on each target are both matched (k=2), so
+    calling both "object" costs nothing there, while the last layer keeps the paper's one-to-one loss;
+    crowded images are repeated only as often as the queries allow."""
+    from detrkit.losses import repeat_targets
+
+    tgt = {"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])}
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2],
+                           [0.7, 0.7, 0.2, 0.2], [0.5, 0.1, 0.1, 0.1]]])
+    logits = torch.full((1, 5, 3), -5.0)
+    logits[0, [0, 1], 0] = logits[0, [2, 3], 1] = logits[0, 4, 2] = 5.0  # confident: two copies of each, one empty
+    layer = {"pred_logits": logits, "pred_boxes": boxes}
+    out = {**layer, "aux_outputs": [dict(layer)]}
+    plain, hybrid = SetCriterion(2)(out, [tgt]), SetCriterion(2, one_to_many=2)(out, [tgt])
+    for k in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert torch.allclose(plain[k], hybrid[k]), k  # the last layer: one-to-one either way
+    assert torch.allclose(plain["loss_ce_0"], plain["loss_ce"])  # one-to-one: a copy of each is wrong
+    assert hybrid["loss_ce_0"] < 0.01 < plain["loss_ce_0"]
+    assert float(hybrid["loss_bbox_0"]) == 0.0 and float(hybrid["cardinality_error_0"]) == 0.0
+    crowded = repeat_targets([tgt, {"labels": torch.arange(3), "boxes": torch.rand(3, 4)}], k=3, num_queries=5)
+    assert [len(t["labels"]) for t in crowded] == [4, 3]  # 2 x 2 (5 // 2), then 3 x 1
+    assert torch.equal(crowded[0]["boxes"], tgt["boxes"].repeat(2, 1))
+
+
+def test_attention_guide_counts_the_mass_inside_the_matched_box():
+    """A 4x4 feature map, one target over its top-left 2x2 cells: all attention there costs nothing,
+    uniform attention costs -log(4/16), and the term reaches the total at its own weight, in every layer."""
+    from detrkit.engine.convergence import attention_guide_loss
+
+    box = torch.tensor([[0.25, 0.25, 0.5, 0.5]])
+    inside = torch.zeros(16)
+    inside[[0, 1, 4, 5]] = 0.25
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    focused = {"cross_attention": inside.expand(1, 2, 3, 16), "feature_mask": mask}
+    uniform = {"cross_attention": torch.full((1, 2, 3, 16), 1 / 16), "feature_mask": mask}
+    idx = torch.tensor([0]), torch.tensor([2])
+    assert float(attention_guide_loss(focused, *idx, box, 1.0)["loss_attn"]) < 1e-5
+    assert torch.allclose(attention_guide_loss(uniform, *idx, box, 1.0)["loss_attn"], -torch.log(torch.tensor(0.25)))
+    assert attention_guide_loss({}, *idx, box, 1.0) == {}  # a layer without attention: no term
+    loss = ConvergenceLoss(SetCriterion(1), attn_guide_coef=0.5)
+    assert [loss.weight(k) for k in ("loss_attn", "loss_attn_1", "g1_loss_attn_0", "loss_ce")] == [0.5, 0.5, 0.5, 1.0]
+
+
 def test_trained_with_every_switch_exports_to_huggingface(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = _model()
-    cfg = TrainConfig(dn_groups=2, dn_negatives=True, query_groups=3, iou_aware=True, enc_aux_coef=1.0)
+    cfg = TrainConfig(dn_groups=2, dn_negatives=True, query_groups=3, iou_aware=True, enc_aux_coef=1.0,
+                      one_to_many=2, attn_guide_coef=1.0)
     keys_before = {k: v.shape for k, v in model.state_dict().items()}
     extra = TrainingQueries.from_config(cfg, model)
-    loss_fn = ConvergenceLoss(SetCriterion.from_config(cfg, 3), cfg.dn_loss_coef, cfg.enc_aux_coef)
+    loss_fn = ConvergenceLoss(SetCriterion.from_config(cfg, 3), cfg.dn_loss_coef, cfg.enc_aux_coef,
+                              cfg.attn_guide_coef)
     params = list(model.parameters()) + list(extra.parameters())
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3)
     model.train()
     before = model.query_embed.weight.detach().clone()
     for _ in range(3):
         losses = loss_fn(training_forward(model, extra, _features(), _targets()), _targets())
-        assert {"loss_dn_ce", "loss_dn_bbox", "g2_loss_giou", "loss_ce", "loss_enc_focal", "loss_enc_giou"} <= set(losses)
+        assert {"loss_dn_ce", "loss_dn_bbox", "g2_loss_giou", "loss_ce", "loss_enc_focal", "loss_enc_giou",
+                "loss_attn", "g2_loss_attn"} <= set(losses)
         opt.zero_grad()
         loss_fn.total(losses).backward()
         opt.step()

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..config import TrainConfig
+from ..losses import split_aux
 from ..model.detr import MLP, BackboneFeatures
 
 
@@ -83,10 +84,11 @@ class TrainingQueries(nn.Module):
         else:
             self.dn_label = self.dn_box = None
         self.enc_head = EncoderHead(d, num_classes) if cfg.enc_aux_coef > 0 else None
+        self.attn_guide = getattr(cfg, "attn_guide_coef", 0.0) > 0
 
     @property
     def active(self) -> bool:
-        return self.groups > 1 or self.dn_groups > 0 or self.enc_head is not None
+        return self.groups > 1 or self.dn_groups > 0 or self.enc_head is not None or self.attn_guide
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, model: nn.Module) -> "TrainingQueries":
@@ -285,10 +287,15 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
         attn_mask = self_attention_mask(model.cfg.num_queries, groups, dn_groups,
                                         extra.dn_width(n_max) if dn else 0, enc.memory.device)
     # the decoder itself (not DETR.decode): denoising queries need their own start `tgt`
-    hs, _ = model.transformer.decoder(tgt, enc.memory, enc.pos, None if at_input else query_pos, enc.key_mask,
-                                      self_attn_mask=attn_mask)
+    guide = extra is not None and extra.attn_guide
+    hs, cross = model.transformer.decoder(tgt, enc.memory, enc.pos, None if at_input else query_pos, enc.key_mask,
+                                          need_weights=guide, self_attn_mask=attn_mask)
     q = model.cfg.num_queries
     outs = [model.heads(hs[:, :, g * q:(g + 1) * q]) for g in range(groups)]
+    if guide:  # each layer's output carries its cross-attention [B,heads,Q,N] for `attention_guide_loss`
+        for g, out in enumerate(outs):
+            for layer, o in zip(cross, out.get("aux_outputs", []) + [out]):
+                o["cross_attention"], o["feature_mask"] = layer[:, :, g * q:(g + 1) * q], enc.mask
     if dn is not None:
         dn["pred_logits"] = model.class_embed(hs[:, :, groups * q:])
         dn["pred_boxes"] = model.bbox_embed(hs[:, :, groups * q:]).sigmoid()
@@ -297,6 +304,22 @@ def training_forward(model: nn.Module, extra: TrainingQueries | None,
         logits, offsets = extra.enc_head(enc.memory)
         enc_out = {"logits": logits, "offsets": offsets, "mask": enc.mask}
     return {"groups": outs, "dn": dn, "enc": enc_out}
+
+
+def attention_guide_loss(out: dict, batch_idx: Tensor, pred_idx: Tensor, boxes: Tensor,
+                         num_boxes: float) -> dict[str, Tensor]:
+    """-log of the cross-attention mass (mean over heads) a matched query puts on the feature cells
+    inside its target box (at least the cell holding the centre), summed over the matched pairs and
+    divided by num_boxes. out: a layer's output with cross_attention [B,H,Q,N] and feature_mask
+    [B,h,w]; batch_idx, pred_idx [M]; boxes [M,4] cxcywh. {} for a layer without attention."""
+    if "cross_attention" not in out:
+        return {}
+    centres, cell = cell_geometry(out["feature_mask"])  # [B,N,2], [B,1,2]
+    attn = out["cross_attention"].float().mean(1)[batch_idx, pred_idx]  # [M,N]
+    reach = torch.maximum(boxes[:, None, 2:].float() / 2, cell[batch_idx] / 2)  # [M,1,2]
+    inside = ((centres[batch_idx] - boxes[:, None, :2].float()).abs() <= reach).all(-1)  # [M,N]
+    mass = (attn * inside).sum(-1).clamp(min=1e-6)
+    return {"loss_attn": -mass.log().sum() / num_boxes}
 
 
 class ConvergenceLoss(nn.Module):
@@ -310,11 +333,15 @@ class ConvergenceLoss(nn.Module):
     / loss_dn_giou. total(losses) -> the trained sum.
     """
 
-    def __init__(self, criterion: nn.Module, dn_loss_coef: float = 1.0, enc_aux_coef: float = 0.0):
+    def __init__(self, criterion: nn.Module, dn_loss_coef: float = 1.0, enc_aux_coef: float = 0.0,
+                 attn_guide_coef: float = 0.0):
         super().__init__()
         self.criterion = criterion
         self.dn_loss_coef = dn_loss_coef
         self.enc_aux_coef = enc_aux_coef
+        self.attn_guide_coef = attn_guide_coef
+        if attn_guide_coef > 0:
+            criterion.matched_terms = attention_guide_loss
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         losses = dict(self.criterion(outputs["groups"][0], targets))
@@ -341,15 +368,17 @@ class ConvergenceLoss(nn.Module):
         return {"loss_dn_ce": ce, "loss_dn_bbox": l1, "loss_dn_giou": giou}
 
     def weight(self, name: str) -> float:
+        group_term = name.startswith("g") and "_" in name and name[1:name.index("_")].isdigit()
+        base = name[name.index("_") + 1:] if group_term else name
+        if split_aux(base)[0] == "loss_attn":
+            return self.attn_guide_coef
         if name == "loss_enc_focal":
             return self.enc_aux_coef * ENC_FOCAL_WEIGHT
         if name.startswith("loss_enc_"):
             return self.enc_aux_coef * self.criterion.weight("loss_" + name[len("loss_enc_"):])
         if name.startswith("loss_dn_"):
             return self.dn_loss_coef * self.criterion.weight("loss_" + name[len("loss_dn_"):])
-        if name.startswith("g") and "_" in name and name[1:name.index("_")].isdigit():
-            return self.criterion.weight(name[name.index("_") + 1:])
-        return self.criterion.weight(name)
+        return self.criterion.weight(base)
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         return sum(losses[k] * self.weight(k) for k in losses if self.weight(k) != 0)

@@ -109,7 +109,7 @@ class TrainStep:
         if not extra.active:
             extra = None
         else:
-            criterion = ConvergenceLoss(criterion, cfg.dn_loss_coef, cfg.enc_aux_coef)
+            criterion = ConvergenceLoss(criterion, cfg.dn_loss_coef, cfg.enc_aux_coef, cfg.attn_guide_coef)
         optimizer = build_optimizer(model, cfg, extra)
         ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
         return cls(model, criterion, optimizer, cfg, device, ema=ema, extra=extra)
