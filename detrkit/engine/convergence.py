@@ -1,4 +1,4 @@
-"""Training-only convergence switches: denoising queries, group queries, an IoU-aware class target.
+"""Training-only convergence switches: denoising queries, group queries, an encoder head, guided attention.
 
 DETR learns slowly because each ground-truth box teaches one query per step, and that query changes
 from step to step (the Hungarian matching is unstable early on). Two fixes that change only training:
@@ -21,6 +21,12 @@ from step to step (the Hungarian matching is unstable early on). Two fixes that 
   predicts that object's class and box from the encoder memory. Each object teaches up to 3x3 cells
   every step with no matching at all, so the memory the decoder reads learns to say what and where
   from the first step; the head is dropped at export.
+- Guided cross-attention: each matched query's cross-attention (mean over heads, every decoder layer)
+  is taught to put its mass on the feature cells inside its target box (`attention_guide_loss`). A
+  fresh decoder attends almost uniformly, so every query reads the same image average and can only
+  learn one fixed box: on BCCD's red cells the queries' boxes moved by 1-3% of the image between
+  images for ~700 steps while the class head sat at chance. Guided, they moved 6% by step 600 and
+  twice as many boxes overlapped a cell by IoU > 0.5. Nothing is added to the model.
 
 `TrainingQueries` holds the training-only parameters; `training_forward(model, extra, ...)` runs the
 model's public blocks (features, encode, the decoder, heads) with the extra queries and the mask, so
