@@ -2,7 +2,7 @@
 datasets, one ablation table in docs/convergence.md.
 
     python benchmarks/convergence.py --out /tmp/conv --minutes 15 \
-        --datasets hard,bccd,bccd-rbc,main --variants base,dn,cdn,groups,iou,enc,all
+        --datasets hard,bccd,bccd-rbc,main --variants base,dn,cdn,groups,iou,enc,hybrid,guide,all
 
 Every run appends one JSON line to OUT/results.jsonl (so runs of several sessions add up) and the
 table is rewritten from all of them: AP, AP50, APs (val), optimizer steps, minutes (the whole run:
@@ -24,7 +24,7 @@ Held out (never used to choose a setting; run them to check a change, not to tun
 Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising
 queries), cdn (denoising with contrastive negatives), groups (group queries), iou (IoU-aware class
 target), enc (the encoder head), hybrid (one-to-many matching in the decoder layers before the last),
-all (every switch); `--set key=value` applies to every run. Each row
+guide (guided cross-attention), all (every switch); `--set key=value` applies to every run. Each row
 records the switches as the run trained them (read back from its config.json): fit_to_data turns the
 denoising queries off on crowded images, and the row's note says so.
 """
@@ -47,7 +47,7 @@ from detrkit.config import ModelConfig, TrainConfig, apply_overrides, get_preset
 log = logging.getLogger("convergence")
 
 _OFF = {"dn_groups": 0, "dn_negatives": False, "query_groups": 1, "iou_aware": False, "enc_aux_coef": 0.0,
-        "one_to_many": 1}
+        "one_to_many": 1, "attn_guide_coef": 0.0}
 VARIANTS: dict[str, dict] = {
     "preset": {},  # the preset exactly as shipped
     "base": _OFF,
@@ -57,8 +57,9 @@ VARIANTS: dict[str, dict] = {
     "iou": {**_OFF, "iou_aware": True},
     "enc": {**_OFF, "enc_aux_coef": 1.0},
     "hybrid": {**_OFF, "one_to_many": 3},
+    "guide": {**_OFF, "attn_guide_coef": 1.0},
     "all": {"dn_groups": 4, "dn_negatives": True, "query_groups": 3, "iou_aware": True, "enc_aux_coef": 1.0,
-            "one_to_many": 3},
+            "one_to_many": 3, "attn_guide_coef": 1.0},
 }
 THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))

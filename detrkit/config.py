@@ -332,14 +332,11 @@ PRESETS: dict[str, Preset] = {
             # the encoder head (Co-DETR's auxiliary head): main job, 15 min on one 2-core Xeon, AP 0.306 (AP50
             # 0.627) against 0.246 (0.529) without it; AP50 0.365 / 0.559 at steps 1000 / 2000 against 0.289 / 0.540
             enc_aux_coef=1.0,
-            # guided cross-attention: a fresh decoder reads the image average, so its queries learn one fixed box
-            # each and the class head waits at chance. 15 float32 minutes: BCCD-RBC AP50 0.410 against 0.296 and
-            # 0.335 without; BCCD 0.524 after 1864 steps (0.234 at step 420, against 0.02-0.13 without); main job
-            # AP 0.293 after 2253 steps, as without at that step count (0.275 after 2335)
-            attn_guide_coef=1.0,
+            # guided cross-attention (attn_guide_coef) is turned on by the fit on crowded images only
+            # (engine/input_fit.py): it bought nothing where the queries fit (main job, a held-out one-class set)
         ),
         "ResNet-18 (pretrained to name and place boxes in crops of the training set, frozen), width 128, 2+3 layers, 20 queries, "
-        "128-160 px, denoising queries, an encoder head and guided cross-attention in training: the CPU default of the main job",
+        "128-160 px, denoising queries and an encoder head in training: the CPU default of the main job",
     ),
     # detr-tiny for small objects: stride-16 features (DC5) at 224-288 px, so a 10 px object covers most
     # of a feature cell; 40 queries (BCCD has up to 28 cells per image). Each step and the feature

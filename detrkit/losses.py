@@ -115,7 +115,8 @@ class SetCriterion(nn.Module):
         aux_targets, aux_boxes = targets, num_boxes
         if self.one_to_many > 1:
             aux_targets = repeat_targets(targets, self.one_to_many, outputs["pred_logits"].shape[1])
-            aux_boxes = num_boxes * sum(len(t["labels"]) for t in aux_targets) / max(1, sum(len(t["labels"]) for t in targets))
+            repeated, original = (sum(len(t["labels"]) for t in ts) for ts in (aux_targets, targets))
+            aux_boxes = num_boxes * repeated / max(1, original)
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
             aux_losses = self._layer_losses(aux, aux_targets, aux_boxes, final=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})

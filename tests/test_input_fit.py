@@ -77,6 +77,17 @@ def test_crowded_images_train_without_denoising_queries():
     assert sparse.dn_groups == 4 and "denoising" not in said
 
 
+def test_crowded_images_train_with_guided_attention():
+    model, train = _tiny()
+    _, crowded, said = fit_to_data(_index([28, 3]), model, train)
+    assert train.attn_guide_coef == 0 and crowded.attn_guide_coef == 1.0 and "guided cross-attention on" in said
+    _, sparse, said = fit_to_data(_index([16, 3]), model, train)
+    assert sparse.attn_guide_coef == 0 and "guided" not in said
+    stronger = dataclasses.replace(train, attn_guide_coef=2.0)  # a user's own weight is kept
+    _, crowded, said = fit_to_data(_index([28, 3]), model, stronger)
+    assert crowded.attn_guide_coef == 2.0 and "guided" not in said
+
+
 def test_one_class_data_pretrains_without_the_box_target():
     model, train = _tiny()
     assert train.pretrain_box_coef > 0
