@@ -23,7 +23,7 @@ applied to the annotations before anything is built:
   * when the queries had to grow (crowded images), the decoder's cross-attention is guided
     (attn_guide_coef, engine/convergence.py): on touching cells a fixed tiling of boxes is a good
     enough answer that a fresh decoder, which reads the image average, settles in it while its class
-    head waits at chance. 15 float32 minutes: BCCD-RBC AP50 0.410 guided against 0.296 and 0.335,
+    head waits at chance. 15 float32 minutes: BCCD-RBC AP50 0.520 and 0.410 guided against 0.296 and 0.335,
     BCCD 0.524 after 1864 steps (0.234 at step 420 against 0.02-0.13). Where the queries fit, it
     bought nothing: the main job AP 0.293 after 2253 steps (0.275 after 2335 without), and a one-class
     set nobody tuned for (`other-one`) AP50 0.522 against 0.551;
