@@ -117,9 +117,8 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     """2 epochs of 2 steps would end in 4 steps; under a time budget the run goes on past the epoch
     count, evaluating each epoch, and stops when the AP plateaus -- saying so, and the diagnosis
     names what went wrong in a run this short."""
-    import detrkit.engine.train as train_module
-
     import detrkit.engine.run_log as run_log_module
+    import detrkit.engine.train as train_module
 
     monkeypatch.setattr(train_module, "PLATEAU_FLOOR", 0.0)  # this run's AP stays near zero
     monkeypatch.setattr(run_log_module, "LOG_EVERY_STEPS", 1)  # a training window on every step

@@ -90,7 +90,7 @@ class TrainingQueries(nn.Module):
         else:
             self.dn_label = self.dn_box = None
         self.enc_head = EncoderHead(d, num_classes) if cfg.enc_aux_coef > 0 else None
-        self.attn_guide = getattr(cfg, "attn_guide_coef", 0.0) > 0
+        self.attn_guide = cfg.attn_guide_coef > 0
 
     @property
     def active(self) -> bool:

@@ -119,7 +119,8 @@ def diagnose(metrics: dict, steps: int, backbone_kind: str | None, model_cfg, pr
     if steps < FEW_STEPS:
         d.causes.append(f"too few steps: {steps} optimizer steps; DETR usually needs several thousand before "
                         "its queries specialise, and on crowded images of one class its class head leaves chance "
-                        "only after ~1000. Give it more time, or the convergence switches dn_groups / query_groups")
+                        "only after ~1000. Give it more time, or the convergence switches dn_groups / query_groups / "
+                        "attn_guide_coef")
     if backbone_kind == "random":
         d.causes.append("a random backbone" + (" that stays frozen, so its features never improve" if frozen_backbone
                                                 else "") + ": use --backbone-weights imagenet (or a file), "
