@@ -8,7 +8,9 @@ Every run appends one JSON line to OUT/results.jsonl (so runs of several session
 table is rewritten from all of them: AP, AP50, APs (val), optimizer steps, minutes (the whole run:
 pretraining, feature caching, training, evaluations), and the minutes at which the run's evaluation
 first reached AP50 0.3 and 0.5 (only as fine as its evaluations). The machine's load average at the
-start and end of each run is recorded: on a shared machine the same budget buys fewer steps.
+start and end of each run is recorded: on a shared machine the same budget buys fewer steps. Below
+the table, each variant is set against the `base` run of the same command (what the switch bought in
+minutes, and at the last evaluation step both reached, what it bought per step).
 
 Datasets (prepared once under OUT/data):
   hard      `detrkit data synth --variant hard` (2000 train / 200 val images)
@@ -216,7 +218,7 @@ def stolen_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> 
 
 
 def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, sets: dict,
-            device: str = "cpu", reuse_backbone: bool = False) -> dict:
+            device: str = "cpu", reuse_backbone: bool = False, grid: str | None = None) -> dict:
     from detrkit.engine.train import train
 
     train_json, val_json = prepare(dataset, out / "data")
@@ -253,7 +255,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
         "cpu_stolen": stolen_share(ticks_start, cpu_ticks()),
         "machine": machine(device),
         "threads": __import__("torch").get_num_threads(),
-        "sets": sets, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "sets": sets, "grid": grid, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
         "curve": [(e["step"], round(e.get("AP50", 0.0), 3)) for e in evals],
         # the switches as the run trained them: fit_to_data turns the denoising queries off on crowded images
         "switches": {k: ran[k] for k in _OFF},
@@ -291,11 +293,47 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _common_step(a: list, b: list) -> int | None:
+    """The last evaluation step two curves share (the final evaluation falls wherever the time ran out)."""
+    shared = {s for s, _ in a} & {s for s, _ in b}
+    return max(shared) if shared else None
+
+
+def bought(rows: list[dict]) -> str:
+    """What each switch bought: every variant against the `base` of the same invocation (`grid`: one
+    command, one machine, one shared backbone), at the end of the budget (what a minute buys, the
+    step's cost included) and at the last evaluation step both reached (what a step buys)."""
+    lines = ["| dataset | grid | variant | AP (base) | AP50 (base) | steps (base) | at step | AP50 there (base) |",
+             "|---|---|---|---|---|---|---|---|"]
+    grids: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("grid"):
+            grids.setdefault((r["dataset"], r["grid"]), {})[r["variant"]] = r  # a rerun replaces the row
+    for (dataset, grid), by_variant in sorted(grids.items()):
+        base = by_variant.get("base")
+        if base is None:
+            continue
+        for variant in (v for v in VARIANTS if v in by_variant and v != "base"):
+            r = by_variant[variant]
+            step = _common_step(r.get("curve", []), base.get("curve", []))
+            there = ("-", "-") if step is None else (
+                f"{dict(r['curve'])[step]:.3f} ({dict(base['curve'])[step]:.3f})", str(step))
+            lines.append(f"| {dataset} | {grid} | {variant} | {_fmt(r['AP'])} ({_fmt(base['AP'])}) | "
+                         f"{_fmt(r['AP50'])} ({_fmt(base['AP50'])}) | {r['steps']} ({base['steps']}) | "
+                         f"{there[1]} | {there[0]} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def write_table(out: Path, doc: Path) -> None:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     marker = "<!-- convergence table: benchmarks/convergence.py rewrites from here -->"
     head = doc.read_text().split(marker)[0] if doc.exists() else "# Convergence benchmark\n\n"
-    doc.write_text(head + marker + "\n\n" + table(rows) + "\n")
+    summary = bought(rows)
+    if summary:
+        summary = ("\n\nWhat each switch bought: each variant against the `base` run of the same command "
+                   "(same machine, same backbone), at the end of the budget and at the last evaluation step "
+                   "both reached:\n\n" + summary)
+    doc.write_text(head + marker + "\n\n" + table(rows) + summary + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,12 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         sets = parse_sets(args.set)
+        grid = time.strftime("%Y-%m-%d %H:%M")  # rows of one command compare with its own base
         for dataset in args.datasets.split(","):
             for variant in args.variants.split(","):
                 if variant not in VARIANTS:
                     raise SystemExit(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
                 row = run_one(dataset, variant, args.preset, args.minutes, out, sets, args.device,
-                              args.reuse_backbone)
+                              args.reuse_backbone, grid)
                 print(json.dumps({k: row[k] for k in ("dataset", "variant", "AP", "AP50", "steps", "minutes")}))
     write_table(out, Path(args.doc))
     return 0

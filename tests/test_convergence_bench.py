@@ -1,0 +1,39 @@
+"""The convergence runner's summary: what each switch bought against the base of the same command."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    spec = importlib.util.spec_from_file_location("convergence_runner", ROOT / "benchmarks" / "convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(variant, ap, ap50, steps, curve, grid="g1", dataset="main"):
+    return {"dataset": dataset, "variant": variant, "grid": grid, "AP": ap, "AP50": ap50, "steps": steps,
+            "curve": curve}
+
+
+def test_each_switch_is_compared_with_its_own_base_at_the_end_and_at_a_shared_step(runner):
+    rows = [
+        _row("base", 0.20, 0.40, 3000, [[1000, 0.30], [2000, 0.35], [3000, 0.40]]),
+        _row("dn", 0.25, 0.50, 2100, [[1000, 0.33], [2000, 0.45], [2100, 0.50]]),
+        _row("base", 0.90, 0.90, 10, [[10, 0.9]], grid="g2"),  # another command's base: not compared
+        _row("enc", 0.10, 0.20, 500, [[500, 0.2]], grid="g3"),  # no base in its command: left out
+    ]
+    lines = runner.bought(rows).splitlines()
+    assert len(lines) == 3  # header, rule, the one comparable row
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:6] == ["main", "g1", "dn", "0.250 (0.200)", "0.500 (0.400)", "2100 (3000)"]
+    assert cells[6:] == ["2000", "0.450 (0.350)"]  # 2100 is the dn run's last evaluation only
+
+
+def test_rows_without_a_grid_give_no_summary(runner):
+    rows = [{k: v for k, v in _row("base", 0.2, 0.4, 10, []).items() if k != "grid"}]
+    assert runner.bought(rows) == ""
