@@ -12,7 +12,7 @@ import torchvision
 from detrkit.config import get_preset
 from detrkit.data.coco import load_coco
 from detrkit.data.dataset import DetectionDataset
-from detrkit.engine.backbone_start import start_backbone
+from detrkit.engine.backbone_start import self_pretrains, start_backbone
 from detrkit.model import build_model
 from detrkit.weights.imagenet import BackboneWeightsError, imagenet_file
 
@@ -111,6 +111,16 @@ def test_backbone_weights_from_a_path(tmp_path):
     cfg.backbone_weights = str(tmp_path / "bad.pth")
     with pytest.raises(BackboneWeightsError, match="bad.pth: does not fit the backbone"):
         start_backbone(model, model.cfg, cfg, None, torch.device("cpu"), progress=False)
+
+
+def test_given_weights_replace_self_pretraining_in_the_plan_too():
+    cfg = get_preset("detr-tiny").train
+    assert self_pretrains(cfg)  # the preset's fallback: no weights, crops to pretrain on
+    for given in ("imagenet", "/some/backbone.pth"):  # the plan must not list a phase that will not run
+        cfg.backbone_weights = given
+        assert not self_pretrains(cfg)
+    cfg.backbone_weights, cfg.pretrain_steps, cfg.pretrain_dense_steps = "none", 0, 0
+    assert not self_pretrains(cfg)
 
 
 def test_self_pretraining_learns_on_a_one_class_dataset(tmp_path):

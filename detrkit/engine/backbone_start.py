@@ -31,6 +31,12 @@ class BackboneStart:
         return asdict(self)
 
 
+def self_pretrains(train_cfg: TrainConfig) -> bool:
+    """Whether a fresh run pretrains its own backbone: no weights given, and pretraining steps asked for."""
+    return ((train_cfg.backbone_weights or "none").strip() == "none"
+            and (train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0))
+
+
 def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, dataset,
                    device: torch.device, progress: bool = True) -> BackboneStart:
     """Give `model.backbone.body` its starting weights per `train_cfg`; returns what was done.
@@ -46,7 +52,7 @@ def start_backbone(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainCon
         start = BackboneStart("imagenet" if spec == "imagenet" else "file", description)
         if train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0:
             log.info("backbone weights given (%s): self-pretraining skipped", spec)
-    elif train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0:
+    elif self_pretrains(train_cfg):
         start = self_pretrain(body, model_cfg, train_cfg, dataset, device, progress)
     else:
         start = BackboneStart("random", "random weights (no backbone_weights, no pretraining)")

@@ -34,7 +34,7 @@ from . import distributed as dist_utils
 from .budget import ScheduleFitter, TimeBudget
 from .feature_cache import cache_part
 from .feature_probe import check_cached_features
-from .backbone_start import BackboneStart, backbone_start_part
+from .backbone_start import BackboneStart, backbone_start_part, self_pretrains
 from .resume import Checkpointer
 from .run_data import aspect_grouped, coco_ground_truth, epoch_loader, load_run_data
 from .preflight import log_preflight
@@ -206,8 +206,7 @@ def _run(run_dir: Path, dev: torch.device, distributed: bool, budget: TimeBudget
         log.info("--resume: no checkpoint in %s, starting fresh", run_dir)
     run_log = RunLog(run_dir, progress, budget.clock)
     train_set = data.train_set
-    pretraining = (not resumed and init_weights is None
-                   and (train_cfg.pretrain_steps > 0 or train_cfg.pretrain_dense_steps > 0))
+    pretraining = not resumed and init_weights is None and self_pretrains(train_cfg)
     if main:
         if not resumed:
             log_preflight(data.train_index, model_cfg, train_cfg, state.total_steps)
