@@ -20,18 +20,19 @@ def _row(variant, ap, ap50, steps, curve, grid="g1", dataset="main"):
             "curve": curve}
 
 
-def test_each_switch_is_compared_with_its_own_base_at_the_end_and_at_a_shared_step(runner):
+def test_each_switch_is_compared_with_its_own_base_at_the_end_and_mid_run(runner):
     rows = [
-        _row("base", 0.20, 0.40, 3000, [[1000, 0.30], [2000, 0.35], [3000, 0.40]]),
-        _row("dn", 0.25, 0.50, 2100, [[1000, 0.33], [2000, 0.45], [2100, 0.50]]),
+        _row("base", 0.20, 0.40, 5000, [[1000, 0.30], [2000, 0.35], [3000, 0.38], [4000, 0.40], [5000, 0.40]]),
+        _row("dn", 0.25, 0.50, 4100, [[1000, 0.33], [2000, 0.45], [3000, 0.48], [4000, 0.49], [4100, 0.50]]),
         _row("base", 0.90, 0.90, 10, [[10, 0.9]], grid="g2"),  # another command's base: not compared
         _row("enc", 0.10, 0.20, 500, [[500, 0.2]], grid="g3"),  # no base in its command: left out
     ]
     lines = runner.bought(rows).splitlines()
     assert len(lines) == 3  # header, rule, the one comparable row
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:6] == ["main", "g1", "dn", "0.250 (0.200)", "0.500 (0.400)", "2100 (3000)"]
-    assert cells[6:] == ["2000", "0.450 (0.350)"]  # 2100 is the dn run's last evaluation only
+    assert cells[:6] == ["main", "g1", "dn", "0.250 (0.200)", "0.500 (0.400)", "4100 (5000)"]
+    # the shared evaluation nearest the middle of the shorter run (4100 / 2), not the last shared one
+    assert cells[6:] == ["2000", "0.450 (0.350)"]
 
 
 def test_rows_without_a_grid_give_no_summary(runner):
