@@ -115,8 +115,8 @@ def test_a_run_that_has_not_started_to_detect_uses_all_its_time(tmp_path):
 
 def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypatch):
     """2 epochs of 2 steps would end in 4 steps; under a time budget the run goes on past the epoch
-    count, evaluating each epoch, and stops when the AP plateaus -- saying so, and the diagnosis
-    names what went wrong in a run this short."""
+    count, evaluating each epoch, and when the AP plateaus its learning rate decays over a last stretch
+    and it ends -- saying so, and the diagnosis names what went wrong in a run this short."""
     import detrkit.engine.run_log as run_log_module
     import detrkit.engine.train as train_module
 
@@ -126,6 +126,7 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     assert result.epoch > 2 and result.step > 4  # the epoch count did not end it
     assert result.step < 100  # the plateau did, long before the 10 minutes
     assert "validation AP has plateaued" in result.stop_reason and "2-epoch ceiling" in result.stop_reason
+    assert result.status == "completed"  # the shortened schedule ran to its end
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["stop_reason"] == result.stop_reason
     d = result.diagnosis
@@ -135,6 +136,9 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     windows = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                if r["type"] == "train"]
     assert windows and d["class_error"] == round(windows[-1]["class_error"], 1)
+    # the plateau did not stop the run at its full learning rate: the rate decayed first
+    lrs = [w["lr"] for w in windows]
+    assert lrs[-1] < 0.25 * max(lrs) and lrs.index(max(lrs)) < len(lrs) - 2
 
 
 def test_evaluations_take_a_bounded_share_of_a_timed_run(tmp_path):
