@@ -33,10 +33,12 @@ PROBE_IMAGES = 300
 FOLDS = 4  # each image's cells are scored by a probe fitted on the other three quarters
 PROBE_STEPS = 200
 NEGATIVES_PER_POSITIVE = 4  # background cells kept per centre cell (AUC does not depend on the ratio)
-# below either, DETR on these features has little to go on. Class gain: main 0.38, BCCD 0.49, hard 0.04.
-# AUC: 0.81-0.90 on all three, so only a much lower one (features blind to where objects are) counts
+# below either, DETR on these features has little to go on. Class gain: main 0.38 (0.55 on an AMX CPU, whose
+# bf16 crop phase runs all its steps), BCCD 0.49, hard 0.04 (0.19 on the AMX CPU, where the dense phase still
+# doubled its AP50 in the same 15 minutes: 0.322 against 0.171). AUC: 0.81-0.90 on all three, so only a much
+# lower one (features blind to where objects are) counts
 WEAK_AUC = 0.7
-WEAK_CLASSES = 0.15  # class accuracy above chance, as a share of what is above chance: (acc - c) / (1 - c)
+WEAK_CLASSES = 0.25  # class accuracy above chance, as a share of what is above chance: (acc - c) / (1 - c)
 
 
 @dataclass
