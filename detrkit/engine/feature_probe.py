@@ -34,7 +34,7 @@ FOLDS = 4  # each image's cells are scored by a probe fitted on the other three 
 PROBE_STEPS = 200
 NEGATIVES_PER_POSITIVE = 4  # background cells kept per centre cell (AUC does not depend on the ratio)
 # below either, DETR on these features has little to go on. Class gain: main 0.38 (0.55 on an AMX CPU, whose
-# bf16 crop phase runs all its steps), BCCD 0.49, hard 0.04 (0.19 on the AMX CPU, where the dense phase still
+# bf16 crop phase runs all its steps), BCCD 0.49 (0.6), hard 0.04 (0.19 on the AMX CPU, where the dense phase still
 # doubled its AP50 in the same 15 minutes: 0.322 against 0.171). AUC: 0.81-0.90 on all three, so only a much
 # lower one (features blind to where objects are) counts
 WEAK_AUC = 0.7
