@@ -126,7 +126,8 @@ def test_a_small_dataset_uses_its_time_until_the_ap_plateaus(tmp_path, monkeypat
     assert result.epoch > 2 and result.step > 4  # the epoch count did not end it
     assert result.step < 100  # the plateau did, long before the 10 minutes
     assert "validation AP has plateaued" in result.stop_reason and "2-epoch ceiling" in result.stop_reason
-    assert result.status == "completed"  # the shortened schedule ran to its end
+    assert result.status == "completed"  # the shortened schedule ran to its end, the step it named
+    assert f"ending the run at step {result.step} of the" in result.stop_reason
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["stop_reason"] == result.stop_reason
     d = result.diagnosis

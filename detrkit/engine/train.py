@@ -344,9 +344,7 @@ def _anneal(run: _Run, state: RunState) -> None:
                        f"{state.total_steps - state.step} steps, ending the run at step {state.total_steps} of the "
                        f"{allowed} its time allowed")
     if dist_utils.rank() == 0:
-        log.info("validation AP plateaued at step %d (best %.3f at step %d): the learning rate decays over the "
-                 "next %d steps, then the run ends (its time allowed %d)", state.step, best, best_step,
-                 state.total_steps - state.step, allowed)
+        log.info("%s", run.stop_reason)
 
 
 def _train_epoch(run: _Run, state: RunState, stop: StopFlag) -> str | None:
