@@ -52,23 +52,9 @@ def test_small_objects_grow_every_input_size_by_one_factor():
 
 def test_the_upscale_is_capped():
     model, train = _tiny()
-    fit = fit_input(_index([2], side=10), model)  # 3 px at 144 px: would need x16, x8 at stride 16
-    assert fit.scale == MAX_UPSCALE and fit.dilate
+    fit = fit_input(_index([2], side=10), model)  # 3 px at 144 px: would need x16
+    assert fit.scale == MAX_UPSCALE
     assert fit.apply(model, train)[0].image_size == 144 * MAX_UPSCALE
-
-
-def test_objects_too_small_for_stride_32_get_a_stride_16_map():
-    model, train = _tiny()
-    # 60 px boxes -> 18 px at 144 px (the hard synthetic set's median): 1.5 cells of 32 px would need
-    # x2.7, past the cap; DC5 needs 1.5 cells of 16 px: x1.33 -> 192 px
-    fit = fit_input(_index([3, 3], side=60), model)
-    assert fit.dilate and fit.stride == 16 and fit.scale == pytest.approx(1.5 * 16 / 18)
-    new_model, new_train, said = fit_to_data(_index([3, 3], side=60), model, train)
-    assert new_model.dilation and not model.dilation
-    assert new_model.image_size == 192 and new_train.train_scales == [176, 192, 208]
-    assert "stride-16 features" in said and "144 -> 192 px" in said and "1.5 cells of 16 px" in said
-    # the same objects at stride 32 once the upscale suffices: no dilation
-    assert not fit_input(_index([3, 3], side=80), model).dilate
 
 
 def test_crowded_images_get_more_queries():
@@ -151,9 +137,7 @@ def test_a_training_run_records_the_fitted_sizes(tmp_path):
     fit = fit_input(json_index(data), tiny_model(num_queries=2))
     assert fit.scale > 1 and cfg["model"]["image_size"] == fit._size(64) > 64
     assert cfg["train"]["train_scales"] == [fit._size(64)]
-    assert cfg["model"]["num_queries"] == fit.num_queries > 2
-    # ~11 px objects would need x4 at stride 32: the run records the stride-16 (DC5) map it chose
-    assert fit.dilate and fit.stride == 16 and cfg["model"]["dilation"] is True
+    assert cfg["model"]["num_queries"] == fit.num_queries > 2 and fit.stride == 32
 
 
 def json_index(path):

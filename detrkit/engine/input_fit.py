@@ -8,11 +8,6 @@ applied to the annotations before anything is built:
   * when the median object is smaller than one feature cell at the input size, every input size (the
     inference size, the training scales, the crop sizes) grows so that it covers TARGET_CELLS cells,
     by at most MAX_UPSCALE (the step and the feature cache cost grow with the square);
-  * when even MAX_UPSCALE leaves it under TARGET_CELLS cells of a stride-32 map, the backbone's last
-    stage is dilated instead (DC5, the paper's own variant: same weights, stride 16) and the input
-    grows to TARGET_CELLS cells of 16 px. The hard synthetic set (median object 18 px at 144 px):
-    288 px at stride 32 left it at 1.1 cells and 45% of the objects under one cell (AP50 0.32 in 15
-    minutes); DC5 at 192 px puts it at 1.5 cells for a similar backbone cost;
   * when an image has more objects than `num_queries` leaves room for (20% spare), the queries become
     the next multiple of 10 above that, up to MAX_QUERIES;
   * when the objects fill many of the queries, the "no object" class weight (eos_coef) grows to keep
@@ -78,20 +73,18 @@ class InputFit:
     eos_coef: float = 0.1
     mean_objects: float = 0.0
     dn_off: bool = False  # crowded images: no denoising queries
-    dilate: bool = False  # objects too small for a stride-32 map even at MAX_UPSCALE: DC5
     one_class: bool = False  # the crop phase places no boxes
 
     def apply(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
         dn_groups = 0 if self.dn_off else train_cfg.dn_groups
         box_coef = 0.0 if self.one_class else train_cfg.pretrain_box_coef
         guide = max(GUIDE_COEF, train_cfg.attn_guide_coef) if self.dn_off else train_cfg.attn_guide_coef
-        if (self.scale == 1.0 and not self.dilate and self.num_queries == model_cfg.num_queries and self.eos_coef == train_cfg.eos_coef
+        if (self.scale == 1.0 and self.num_queries == model_cfg.num_queries and self.eos_coef == train_cfg.eos_coef
                 and dn_groups == train_cfg.dn_groups and box_coef == train_cfg.pretrain_box_coef
                 and guide == train_cfg.attn_guide_coef):
             return model_cfg, train_cfg
         size = self._size
         model_cfg = dataclasses.replace(model_cfg, image_size=size(model_cfg.image_size),
-                                        dilation=model_cfg.dilation or self.dilate,
                                         max_image_size=size(model_cfg.max_image_size), num_queries=self.num_queries)
         train_cfg = dataclasses.replace(
             train_cfg, train_scales=sorted({size(s) for s in train_cfg.train_scales}),
@@ -108,15 +101,10 @@ class InputFit:
                  box_coef_before: float = 0.0, guide_before: float = 0.0) -> str:
         """One sentence on what changed and why ('' when nothing did)."""
         parts = []
-        if self.dilate:
-            parts.append(f"stride-16 features (DC5: the last ResNet stage dilated; the median object is "
-                         f"{self.median_side:.0f} px at {before.image_size} px, under "
-                         f"{TARGET_CELLS:g} cells of 32 px even at {MAX_UPSCALE:g}x the input)")
         if after.image_size != before.image_size:
-            now = self.median_side * after.image_size / before.image_size
             parts.append(f"input {before.image_size} -> {after.image_size} px (shorter side; the median object is "
-                         f"{self.median_side:.0f} px at {before.image_size} px; now ~{now:.0f} px, "
-                         f"{now / self.stride:.1f} cells of {self.stride} px)")
+                         f"{self.median_side:.0f} px at {before.image_size} px, under one {self.stride}-px feature "
+                         f"cell; now ~{self.median_side * after.image_size / before.image_size:.0f} px)")
         if after.num_queries != before.num_queries:
             parts.append(f"queries {before.num_queries} -> {after.num_queries} (up to {self.max_objects} objects "
                          "in an image)")
@@ -140,13 +128,9 @@ def fit_input(index: DatasetIndex, model_cfg: ModelConfig, eos_coef: float = 0.1
     stride = feature_stride(model_cfg)
     sides = object_sides(index, model_cfg)
     median = statistics.median(sides) if sides else float("inf")
-    scale, dilate = 1.0, False
+    scale = 1.0
     if median < stride:
-        scale = TARGET_CELLS * stride / max(median, 1e-6)
-        if scale > MAX_UPSCALE and not model_cfg.dilation:
-            dilate, stride = True, stride // 2
-            scale = max(1.0, TARGET_CELLS * stride / max(median, 1e-6))
-        scale = min(MAX_UPSCALE, scale)
+        scale = min(MAX_UPSCALE, TARGET_CELLS * stride / max(median, 1e-6))
     per_image = Counter(a.image_id for a in index.annotations if not a.iscrowd)
     most = max(per_image.values(), default=0)
     queries = model_cfg.num_queries
@@ -158,7 +142,7 @@ def fit_input(index: DatasetIndex, model_cfg: ModelConfig, eos_coef: float = 0.1
     if balanced > EOS_TOLERANCE * eos_coef:
         eos_coef = round(balanced, 2)
     return InputFit(scale, queries, median if math.isfinite(median) else 0.0, most, stride, eos_coef, mean, crowded,
-                    dilate=dilate, one_class=len(index.class_names) == 1)
+                    one_class=len(index.class_names) == 1)
 
 
 def fit_to_data(index: DatasetIndex, model_cfg: ModelConfig,
