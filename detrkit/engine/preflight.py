@@ -74,7 +74,8 @@ def preflight_warnings(index: DatasetIndex, model_cfg: ModelConfig, train_cfg: T
         out.append(f"{small} of {measured} boxes ({100 * small / measured:.0f}%) are smaller than one feature cell "
                    f"({stride}x{stride} px) once the image is resized to the model's input size (shorter side "
                    f"{model_cfg.image_size} px); the model can hardly see them. Use a larger input size "
-                   f"(--set model.image_size=... and train_scales) or a stride-16 (DC5) preset")
+                   f"(--set model.image_size=... and train_scales)"
+                   + ("" if model_cfg.dilation else " or a stride-16 (DC5) preset"))
 
     # ---- warmup longer than the run
     if train_cfg is not None and total_steps is not None and train_cfg.warmup_steps >= total_steps > 0:
