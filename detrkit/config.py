@@ -322,8 +322,10 @@ PRESETS: dict[str, Preset] = {
             # (a linear probe decides, engine/feature_probe.py): in 15 float32 minutes its time costs DETR more
             # steps than it saves on the main job (AP 0.253 / 0.275 with 175 / 267 dense steps, 0.306 without)
             # and BCCD (0.049 at 447 steps), whose crop features the probe finds good; on hard they name
-            # nothing (AP50 0.003) and 400 dense steps gave 0.21
-            pretrain_dense_steps=400, pretrain_dense_when="weak",
+            # nothing (AP50 0.003) and 400 dense steps gave 0.21. Where it runs it gets 1000 steps at 1e-3 (its
+            # 3.8-min share): on hard (AMX Xeon, 15 min) the probe's class accuracy 58% against 47% after 400
+            # steps at 3e-4, and AP50 0.441 against 0.322 from fewer DETR steps (1577 against 1862)
+            pretrain_dense_steps=1000, pretrain_dense_lr=1e-3, pretrain_dense_when="weak",
             # training-only convergence switch (engine/convergence.py): the decoder also learns from noised
             # ground truth; inference and the weights stay plain DETR. Group queries (query_groups=3) doubled
             # the step time for no gain per minute: main job, 15 idle float32 minutes, AP50 0.267 with them

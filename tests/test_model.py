@@ -291,21 +291,30 @@ def test_basic_block_dc5_and_trainable_batch_norm(tmp_path):
         ModelConfig.from_dict({**cfg.to_dict(), "backbone_norm": "group"})
 
 
-def test_cpu_training_attention_path_equals_the_fused_kernel():
-    """Training on a CPU takes explicit matmul attention; it computes what the fused kernel computes."""
+def test_cpu_training_attention_under_bf16_matches_float32_and_ignores_padding():
+    """Training on a CPU under bf16 autocast runs the fused kernel in float32: it computes what float32
+    attention computes (to the bf16 projections' rounding), padded keys change nothing, gradients flow."""
     from detrkit.model.transformer import MultiheadAttention
 
-    attn = MultiheadAttention(32, 4).eval()
+    torch.manual_seed(0)
+    attn = MultiheadAttention(32, 4).train()
     q, kv = torch.randn(2, 7, 32), torch.randn(2, 30, 32)
     pad = torch.zeros(2, 30, dtype=torch.bool)
     pad[1, 20:] = True
     with torch.no_grad():
-        fused, _ = attn(q, kv, kv, pad)
-    explicit, weights = attn(q, kv, kv, pad)  # grad enabled on CPU: the explicit path
-    assert weights is None
-    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
-    explicit.sum().backward()
-    assert attn.in_proj_weight.grad is not None
+        reference, _ = attn(q, kv, kv, pad)  # float32, fused kernel
+        _, weights = attn(q, kv, kv, pad, need_weights=True)
+    assert torch.all(weights[1, :, :, 20:] == 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, none = attn(q, kv, kv, pad)
+        noisy_pad = kv.clone()
+        noisy_pad[1, 20:] = 100.0
+        out_noisy, _ = attn(q, noisy_pad, noisy_pad, pad)
+    assert none is None and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.03)
+    assert torch.equal(out[1], out_noisy[1])  # the padded keys carry no weight
+    out.float().sum().backward()
+    assert attn.in_proj_weight.grad is not None and torch.isfinite(attn.in_proj_weight.grad).all()
 
 
 def test_damaged_native_weights_are_refused(tmp_path):
