@@ -16,7 +16,8 @@ the pixel scale of the detector's input, at a fraction of the cost of whole imag
 statistics come from those windows too, which is what the frozen batch norm then keeps.
 
 It costs time that DETR then lacks: in 15 float32 minutes on 2 cores it gave the main job and BCCD
-fewer steps than it saved, so `detr-tiny` leaves it off (docs/convergence.md).
+fewer steps than it saved, so `detr-tiny` runs it only where a linear probe finds the crop features
+weak (engine/feature_probe.py; docs/convergence.md).
 """
 from __future__ import annotations
 

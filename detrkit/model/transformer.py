@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-
 class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameters, batch-first, fused kernel.
 
