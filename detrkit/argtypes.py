@@ -44,3 +44,11 @@ def overlap_or_none(text: str) -> float | str | None:
 
 
 overlap_or_none.__name__ = "an IoU in (0, 1], none or model"
+
+
+def count_or_model(text: str) -> int | str:
+    """A positive whole number, or "model" (the weights' own setting, the flag's default)."""
+    return "model" if text.strip().lower() == "model" else positive_int(text)
+
+
+count_or_model.__name__ = "a positive whole number or model"

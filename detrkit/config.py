@@ -97,6 +97,10 @@ class ModelConfig(_DictIO):
     # not repeat itself). A model trained for minutes can; train sets it when removing them raises the AP
     # on training images (engine/duplicates.py)
     duplicate_iou: float | None = None
+    # detection post-processing: each query's this many best classes, each a detection with its own
+    # probability. 1: the paper's (each query's best class). A model trained for minutes often ranks an
+    # object's class second; train raises it when that raises the AP on training images (engine/duplicates.py)
+    classes_per_query: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +129,9 @@ class ModelConfig(_DictIO):
         d = self.duplicate_iou
         _check(type(self).__name__, "duplicate_iou", d is None or (isinstance(d, (int, float))
                and not isinstance(d, bool) and 0 < d <= 1), "a number in (0, 1] or null", d)
+        k = self.classes_per_query
+        _check(type(self).__name__, "classes_per_query", isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+               "a whole number >= 1", k)
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
 
@@ -228,8 +235,9 @@ class TrainConfig(_DictIO):
     # make at least this many cached images in all, up to MAX_VIEWS, within caching's share of the time
     cache_images: int = 0
     # bookkeeping
-    # at the end of the run: remove duplicate boxes when that raises the AP on training images
-    # (engine/duplicates.py; the choice is saved in ModelConfig.duplicate_iou)
+    # at the end of the run: remove duplicate boxes, then give each query more than its best class, where
+    # each raises the AP on training images (engine/duplicates.py; the choices are saved in
+    # ModelConfig.duplicate_iou and classes_per_query)
     check_duplicates: bool = True
     seed: int = 42
     checkpoint_every_steps: int | None = None

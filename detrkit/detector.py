@@ -213,7 +213,7 @@ class Detector:
         out = self.inference_model(tensors, batch_invariant=True)
         results = []
         for r, size, image in zip(postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, top_k,
-                                                 self.config.duplicate_iou), sizes,
+                                                 self.config.duplicate_iou, self.config.classes_per_query), sizes,
                                   batch):
             labels = r["labels"].cpu()
             results.append(Detections(

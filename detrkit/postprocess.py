@@ -90,19 +90,28 @@ def class_scores(pred_logits: Tensor) -> tuple[Tensor, Tensor]:
 
 def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | list,
                 threshold: float | None = None, top_k: int | None = None,
-                duplicate_iou: float | None = None) -> list[dict[str, Tensor]]:
+                duplicate_iou: float | None = None, classes_per_query: int = 1) -> list[dict[str, Tensor]]:
     """pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1], orig_sizes [B,2] (h, w)
     -> per image {scores [K], labels [K], boxes [K,4] xyxy pixels, queries [K] (query indices)},
     sorted by score.
 
-    Without a threshold or top_k all Q predictions are kept (what COCO evaluation wants).
+    Without a threshold or top_k all predictions are kept (what COCO evaluation wants).
     duplicate_iou (ModelConfig.duplicate_iou): drop a box that overlaps a higher-scoring box of its class
     by more than this IoU, before top_k; None (the paper's post-processing) drops none.
+    classes_per_query (ModelConfig.classes_per_query): each query gives its k best classes, each a
+    detection with that class's probability and the query's box (Q*k per image); 1 is the paper's.
     """
-    scores, labels = class_scores(pred_logits)
+    if classes_per_query == 1:
+        scores, labels = class_scores(pred_logits)  # [B,Q]
+    else:
+        k = min(classes_per_query, pred_logits.shape[-1] - 1)
+        scores, labels = pred_logits.float().softmax(-1)[..., :-1].topk(k, dim=-1)  # [B,Q,k]
+        scores, labels = scores.flatten(1), labels.flatten(1)  # [B,Q*k], query q's at q*k .. q*k+k-1
+    per_query = scores.shape[1] // pred_boxes.shape[1]
     sizes = torch.as_tensor(orig_sizes, dtype=torch.float32, device=pred_boxes.device).reshape(-1, 2)
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # w h w h
     boxes = box_convert(pred_boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]
+    boxes = boxes.repeat_interleave(per_query, dim=1)
     results = []
     for s, lab, b in zip(scores, labels, boxes):
         order = s.argsort(descending=True)
@@ -112,7 +121,8 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | li
             order = order[batched_nms(b[order], s[order], lab[order], duplicate_iou)]
         if top_k is not None:
             order = order[:top_k]
-        results.append({"scores": s[order], "labels": lab[order], "boxes": b[order], "queries": order})
+        results.append({"scores": s[order], "labels": lab[order], "boxes": b[order],
+                        "queries": order // per_query})
     return results
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 
-from .argtypes import overlap_or_none, positive_int, probability
+from .argtypes import count_or_model, overlap_or_none, positive_int, probability
 from .device import WEIGHTS_HELP, add_device_argument, add_precision_argument
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ def run_predict(args: argparse.Namespace) -> int:
     detector = Detector.from_pretrained(args.weights, device=args.device, precision=args.precision)
     if args.duplicate_iou != "model":
         detector.config.duplicate_iou = args.duplicate_iou
+    if args.classes_per_query != "model":
+        detector.config.classes_per_query = args.classes_per_query
     if args.task == "panoptic":  # overlays, PNG segment maps, segments_info (engine/panoptic_commands.py)
         from .engine.panoptic_commands import predict_panoptic_files
 
@@ -78,6 +80,9 @@ def register(subparsers) -> None:
     p.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none|model",
                    help="drop a box overlapping a higher-scoring box of its class by more than this IoU; none keeps "
                         "every box (the paper's post-processing); model (default): the weights' own setting")
+    p.add_argument("--classes-per-query", type=count_or_model, default="model", metavar="K|model",
+                   help="each query's K best classes, each a detection with its own probability; 1: each query's best "
+                        "class (the paper's post-processing); model (default): the weights' own setting")
     p.add_argument("--task", choices=["detection", "panoptic"], default="detection",
                    help="panoptic (weights with a mask head): a colour overlay, a PNG segment map and "
                         "segments_info (COCO panoptic) per image")

@@ -107,9 +107,69 @@ def test_the_setting_survives_native_and_hugging_face_round_trips(tmp_path):
     from detrkit.weights.huggingface import hf_config
     from detrkit.weights.native import load_native, save_native
 
-    cfg = tiny_model(class_names=["a", "b"], duplicate_iou=0.7)
+    cfg = tiny_model(class_names=["a", "b"], duplicate_iou=0.7, classes_per_query=2)
     model = build_model(cfg)
     _, loaded = load_native(save_native(model.state_dict(), cfg, tmp_path / "w"))
-    assert loaded.duplicate_iou == 0.7
-    assert hf_config(cfg)["detrkit_duplicate_iou"] == 0.7
+    assert (loaded.duplicate_iou, loaded.classes_per_query) == (0.7, 2)
+    assert hf_config(cfg)["detrkit_duplicate_iou"] == 0.7 and hf_config(cfg)["detrkit_classes_per_query"] == 2
     assert ModelConfig.from_dict({**cfg.to_dict(), "duplicate_iou": None}).duplicate_iou is None
+
+
+def test_classes_per_query_gives_each_query_its_best_classes_with_their_probabilities():
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.2, 0.2, 0.1, 0.1]]])
+    probs = torch.tensor([[[0.5, 0.3, 0.05, 0.15], [0.1, 0.2, 0.6, 0.1]]])  # 3 classes + no object
+    logits = probs.log()
+    paper = postprocess(logits, boxes, [(100, 200)])[0]
+    assert paper["labels"].tolist() == [2, 0] and paper["queries"].tolist() == [1, 0]
+    two = postprocess(logits, boxes, [(100, 200)], classes_per_query=2)[0]
+    assert two["queries"].tolist() == [1, 0, 0, 1]
+    assert two["labels"].tolist() == [2, 0, 1, 1]
+    assert torch.allclose(two["scores"], torch.tensor([0.6, 0.5, 0.3, 0.2]))
+    assert torch.equal(two["boxes"][1], two["boxes"][2]) and torch.equal(two["boxes"][1], paper["boxes"][1])
+    assert torch.allclose(two["boxes"][0], torch.tensor([30.0, 15.0, 50.0, 25.0]))  # xyxy pixels of a 200x100 image
+    # never more classes than the model has; "no object" is never one of them
+    every = postprocess(logits, boxes, [(100, 200)], classes_per_query=5)[0]
+    assert len(every["scores"]) == 6 and int(every["labels"].max()) == 2
+    # the duplicate removal is class-wise: a query's second class survives next to its first
+    assert len(postprocess(logits, boxes, [(100, 200)], duplicate_iou=0.5, classes_per_query=2)[0]["scores"]) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_classes_per_query_is_validated(bad):
+    with pytest.raises(ValueError, match="classes_per_query"):
+        ModelConfig(class_names=["a"], classes_per_query=bad)
+
+
+class _SecondGuess(nn.Module):
+    """Finds the class-'a' box of every image; on the darker images (`confused`) it ranks class 'b' first."""
+
+    def __init__(self, confused: bool):
+        super().__init__()
+        self.confused = confused
+
+    def forward(self, images, batch_invariant=True):
+        logits = []
+        for im in images:
+            score = 0.3 + 0.6 * float(im.mean().sigmoid())
+            first = (1, 0.55) if self.confused and float(im.mean()) < 0 else (0, score)
+            probs = torch.full((1, 3), 1e-6)
+            probs[0, first[0]] = first[1]
+            probs[0, 1 - first[0]] = 0.3 if first[0] == 1 else 0.01
+            probs[0, 2] = 1 - probs[0, :2].sum()
+            logits.append(probs.log())
+        boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5]]).expand(len(images), 1, 4)
+        return {"pred_logits": torch.stack(logits), "pred_boxes": boxes}
+
+
+@pytest.mark.parametrize("confused", [True, False])
+def test_the_check_gives_queries_more_classes_only_where_the_class_comes_second(tmp_path, confused):
+    check = check_duplicates(_SecondGuess(confused), _data(tmp_path), tiny_model(class_names=["a", "b"],
+                             category_ids=[1, 2]), TrainConfig(train_scales=[64], train_max_size=64), torch.device("cpu"))
+    assert set(check.ap_classes) == {1, 2}  # 3 is more than the model's classes
+    if confused:  # the two dark images' boxes are found only as their second class
+        assert check.ap_classes[1] < 0.6 and check.ap_classes[2] == pytest.approx(1.0, abs=1e-3)
+        assert check.classes == 2
+    else:
+        assert check.ap_classes[1] == check.ap_classes[2] == pytest.approx(1.0, abs=1e-3)
+        assert check.classes == 1
+    assert check.iou is None

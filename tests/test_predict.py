@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -165,9 +166,11 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "in"), "--weights", str(weights)]) == 2  # nothing to write
 
 
-def test_predict_gives_the_records_and_the_ap_of_eval(tmp_path):
+@pytest.mark.parametrize("classes_per_query", [1, 2])
+def test_predict_gives_the_records_and_the_ap_of_eval(tmp_path, classes_per_query):
     """`predict` and `eval` share one resize and one inference path: on the same weights and images
-    (batches alike), predict's COCO records are eval's, number for number, and so is the AP."""
+    (batches alike), predict's COCO records are eval's, number for number, and so is the AP. Both follow
+    the weights' post-processing (each query's 2 best classes), and the flags override it."""
     from detrkit.data.coco import load_coco
     from detrkit.data.synthetic import make_synthetic
     from detrkit.engine.evaluate import CocoEvaluator, evaluate_weights
@@ -177,7 +180,8 @@ def test_predict_gives_the_records_and_the_ap_of_eval(tmp_path):
     index = load_coco(ann)
     cfg = ModelConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
                       dropout=0.0, num_queries=5, image_size=64, max_image_size=96,
-                      class_names=index.class_names, category_ids=index.category_ids)
+                      class_names=index.class_names, category_ids=index.category_ids,
+                      classes_per_query=classes_per_query)
     torch.manual_seed(0)
     weights = Detector(build_model(cfg), cfg).save_pretrained(tmp_path / "w")
     metrics, _ = evaluate_weights(weights, ann, batch_size=3, device="cpu", results_path=tmp_path / "eval.json")
@@ -190,8 +194,15 @@ def test_predict_gives_the_records_and_the_ap_of_eval(tmp_path):
     id_of = {str(im.file): im.id for im in index.images}
     predicted = [{k: (id_of[r["file_name"]] if k == "image_id" else v) for k, v in r.items() if k != "file_name"}
                  for r in summary.records]
-    assert len(predicted) == 5 * len(files)
+    assert len(predicted) == 5 * classes_per_query * len(files)
     assert predicted == evaluated  # same boxes and scores to the last bit, same order
     ev = CocoEvaluator(index.to_coco())
     ev.add(predicted)
     assert ev.summarize()["AP50"] == metrics["AP50"] and ev.summarize()["AP"] == metrics["AP"]
+    # the flags: the paper's one class per query, whatever the weights say
+    assert main(["eval", "--weights", str(weights), "--data", str(ann), "--classes-per-query", "1",
+                 "--results", str(tmp_path / "one.json")]) == 0
+    assert main(["predict", *map(str, files), "--weights", str(weights), "--classes-per-query", "1",
+                 "--threshold", "0", "--json", str(tmp_path / "p1.json"), "--no-progress"]) == 0
+    assert len(json.loads((tmp_path / "one.json").read_text())) == 5 * len(files)
+    assert len(json.loads((tmp_path / "p1.json").read_text())) == 5 * len(files)

@@ -9,7 +9,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from ..argtypes import non_negative_int, overlap_or_none, positive_float, positive_int, probability
+from ..argtypes import count_or_model, non_negative_int, overlap_or_none, positive_float, positive_int, probability
 from ..config import DEFAULT_PRESET, build_configs
 from ..device import WEIGHTS_HELP, add_device_argument, add_precision_argument, amp_of
 
@@ -118,7 +118,7 @@ def eval_command(args: argparse.Namespace) -> int:
     metrics, cfg = evaluate_weights(args.weights, args.data, args.images, args.split, args.batch_size,
                                     args.device, amp_of(args.precision, args.device), args.num_workers,
                                     results_path=args.results, evaluator_out=holder,
-                                    duplicate_iou=args.duplicate_iou)
+                                    duplicate_iou=args.duplicate_iou, classes_per_query=args.classes_per_query)
     print_coco(metrics)
     print_per_class(metrics, cfg)
     if args.out:
@@ -228,6 +228,9 @@ def register(subparsers) -> None:
     e.add_argument("--duplicate-iou", type=overlap_or_none, default="model", metavar="IOU|none|model",
                    help="drop a box overlapping a higher-scoring box of its class by more than this IoU; none keeps "
                         "every box (the paper's post-processing); model (default): the weights' own setting")
+    e.add_argument("--classes-per-query", type=count_or_model, default="model", metavar="K|model",
+                   help="each query's K best classes, each a detection with its own probability; 1: each query's best "
+                        "class (the paper's post-processing); model (default): the weights' own setting")
     add_device_argument(e)
     e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     e.set_defaults(func=eval_command)

@@ -173,9 +173,9 @@ class CocoEvaluator:
 
 
 def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category_ids: Sequence[int],
-                                duplicate_iou: float | None = None) -> list[dict]:
-    """Model outputs -> COCO result records, all Q per image (no threshold; duplicates dropped only with
-    a duplicate_iou, as `postprocess`).
+                                duplicate_iou: float | None = None, classes_per_query: int = 1) -> list[dict]:
+    """Model outputs -> COCO result records, all Q (x classes_per_query) per image (no threshold;
+    duplicates dropped only with a duplicate_iou, as `postprocess`).
 
     outputs: pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1]; targets: B dicts with image_id and
     orig_size [2] (h, w of the original image); category_ids[label] is the dataset id of class `label`.
@@ -184,7 +184,8 @@ def predictions_to_coco_results(outputs: dict, targets: Sequence[dict], category
     if len(category_ids) != num_classes:
         raise ValueError(f"the model has {num_classes} classes but {len(category_ids)} category ids were given")
     orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]).reshape(2) for t in targets])
-    dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes, duplicate_iou=duplicate_iou)
+    dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes, duplicate_iou=duplicate_iou,
+                       classes_per_query=classes_per_query)
     records = []
     for t, d in zip(targets, dets):
         records += coco_records(t["image_id"], d["boxes"], [category_ids[i] for i in d["labels"].tolist()],
@@ -261,9 +262,10 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
              device: str | torch.device = "cpu", amp: str = "none", num_workers: int = 0,
              collate_fn: Callable | None = None, results_path: str | os.PathLike | None = None,
              progress: bool = True, should_stop: Callable[[], bool] | None = None,
-             evaluator_out: list | None = None, duplicate_iou: float | None = None) -> dict[str, Any]:
+             evaluator_out: list | None = None, duplicate_iou: float | None = None,
+             classes_per_query: int = 1) -> dict[str, Any]:
     """Run `model` over `dataset` (`model_outputs`) and score it -> CocoEvaluator.summarize().
-    duplicate_iou: the post-processing's duplicate removal (ModelConfig.duplicate_iou; None: none).
+    duplicate_iou, classes_per_query: the post-processing's (ModelConfig's; None and 1: the paper's).
 
     results_path: also write the result records there. should_stop: as `model_outputs` (a training run
     then saves its last state instead). evaluator_out: a list that receives the CocoEvaluator (for plots
@@ -280,7 +282,7 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
             log.warning("the model and the ground truth share no category id: every AP is -1 or 0, not a score")
     for outputs, targets in model_outputs(model, dataset, batch_size, device, amp, num_workers, collate_fn,
                                           progress, should_stop):
-        records = predictions_to_coco_results(outputs, targets, category_ids, duplicate_iou)
+        records = predictions_to_coco_results(outputs, targets, category_ids, duplicate_iou, classes_per_query)
         if unknown:
             records = [r for r in records if r["category_id"] in shared]
         evaluator.add(records, image_ids=[int(t["image_id"]) for t in targets])
@@ -296,13 +298,15 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
 def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=None, batch_size: int = 4,
                      device: str = "cpu", amp: str = "none", num_workers: int = 0,
                      results_path: str | os.PathLike | None = None, evaluator_out: list | None = None,
-                     duplicate_iou: float | None | str = "model") -> tuple[dict[str, Any], ModelConfig]:
+                     duplicate_iou: float | None | str = "model",
+                     classes_per_query: int | str = "model") -> tuple[dict[str, Any], ModelConfig]:
     """Evaluate saved weights (anything `weights.load.load_weights` takes) on a dataset (annotation
     path or DatasetIndex) -> (evaluate()'s dict, the weights' ModelConfig).
 
     The model runs as `Detector` runs it (its optimised inference copy, bf16 with amp="bf16") on the
     evaluation transforms' images, so `predict` gives the same records on the same files.
-    duplicate_iou: "model" (the weights' own ModelConfig.duplicate_iou), None (keep every box) or an IoU."""
+    duplicate_iou: "model" (the weights' own ModelConfig.duplicate_iou), None (keep every box) or an IoU;
+    classes_per_query: "model" (the weights' own) or a count (1: each query's best class, the paper's)."""
     from ..data.dataset import DetectionDataset
     from ..data.transforms import eval_transforms
     from ..detector import Detector
@@ -321,5 +325,6 @@ def evaluate_weights(weights: str | os.PathLike, data, images_dir=None, split=No
     metrics = evaluate(detector.inference_model, dataset, cfg.category_ids, coco_ground_truth(index),
                        batch_size=batch_size, device=torch.device(device), amp="none", num_workers=num_workers,
                        results_path=results_path, evaluator_out=evaluator_out,
-                       duplicate_iou=cfg.duplicate_iou if duplicate_iou == "model" else duplicate_iou)
+                       duplicate_iou=cfg.duplicate_iou if duplicate_iou == "model" else duplicate_iou,
+                       classes_per_query=cfg.classes_per_query if classes_per_query == "model" else classes_per_query)
     return metrics, cfg

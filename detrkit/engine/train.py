@@ -435,7 +435,7 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
     duplicates = None
     if status != "interrupted":
         duplicates = _check_duplicates(run, model_cfg)
-        changed = duplicates is not None and duplicates.iou is not None
+        changed = duplicates is not None and (duplicates.iou is not None or duplicates.classes > 1)
         if run.validator.val_set is not None and (run.validator.evaluated_at != state.step or changed):
             with StopFlag() as stop:  # a signal during the last evaluation: keep the trained state
                 run.validator.run(run.eval_model, state, should_stop=lambda: stop.signum is not None)
@@ -469,19 +469,21 @@ def _finish(run: _Run, state: RunState, status: str, model_cfg: ModelConfig) -> 
 
 
 def _check_duplicates(run: _Run, model_cfg: ModelConfig):
-    """Rank 0 measures whether the model repeats itself on training images (engine/duplicates.py) and
-    sets model_cfg.duplicate_iou (in place: the validator and the checkpoints share it) when removing
-    the repeats raises the AP. -> the DuplicateCheck (the same on every rank), None when not checked."""
+    """Rank 0 measures whether the model repeats itself or ranks classes second on training images
+    (engine/duplicates.py) and sets model_cfg.duplicate_iou and classes_per_query (in place: the validator
+    and the checkpoints share it) when that raises the AP. -> the DuplicateCheck (the same on every rank),
+    None when not checked (off, or the model came with a post-processing of its own)."""
     from .duplicates import check_duplicates
 
-    if not run.cfg.check_duplicates or run.train_index is None or model_cfg.duplicate_iou is not None:
+    own = model_cfg.duplicate_iou is not None or model_cfg.classes_per_query > 1
+    if not run.cfg.check_duplicates or run.train_index is None or own:
         return None
     check = None
     if dist_utils.rank() == 0:
         check = check_duplicates(run.eval_model, run.train_index, model_cfg, run.cfg, run.device)
         log.info("%s", check.text())
     check = dist_utils.all_gather_object(check)[0]
-    model_cfg.duplicate_iou = check.iou
+    model_cfg.duplicate_iou, model_cfg.classes_per_query = check.iou, check.classes
     return check
 
 

@@ -59,7 +59,8 @@ class Validator:
                                    batch_size=max(1, self.train_cfg.batch_size), device=self.device,
                                    amp="none", num_workers=self.train_cfg.num_workers,
                                    progress=self.progress, should_stop=should_stop, evaluator_out=holder,
-                                   duplicate_iou=self.model_cfg.duplicate_iou)
+                                   duplicate_iou=self.model_cfg.duplicate_iou,
+                                   classes_per_query=self.model_cfg.classes_per_query)
             except EvaluationInterrupted:
                 log.warning("evaluation interrupted by a signal; the run saves its training state")
                 self.seconds = self.clock() - t0

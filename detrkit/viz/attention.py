@@ -124,7 +124,7 @@ def compute_attention(detector: Any, image: Any, threshold: float = 0.5, max_det
     att = out["attention"]
     (hv, wv), = valid_feature_sizes(att["feature_mask"])
     det = postprocess(out["pred_logits"], out["pred_boxes"], sizes, threshold, max_detections,
-                      detector.config.duplicate_iou)[0]
+                      detector.config.duplicate_iou, detector.config.classes_per_query)[0]
     keep, boxes = det["queries"], det["boxes"]
     h0, w0 = sizes[0]
     dec = decoder_attention(att)[0, keep, :hv, :wv]

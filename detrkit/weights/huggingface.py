@@ -164,6 +164,7 @@ def load_huggingface(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelCo
         **({"image_size": hf_cfg["detrkit_image_size"], "max_image_size": hf_cfg["detrkit_max_image_size"]}
            if "detrkit_image_size" in hf_cfg else {}),
         "duplicate_iou": hf_cfg.get("detrkit_duplicate_iou"),
+        "classes_per_query": hf_cfg.get("detrkit_classes_per_query", 1),
     })
     if hf_cfg.get("position_embedding_type", "sine") != cfg.position_embedding:
         raise ValueError(f"{path}: position_embedding_type {hf_cfg.get('position_embedding_type')!r} "
@@ -192,6 +193,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         "id2label": id2label, "label2id": {n: int(i) for i, n in id2label.items()},
         "detrkit_category_ids": cfg.category_ids, "detrkit_image_size": cfg.image_size,
         "detrkit_max_image_size": cfg.max_image_size, "detrkit_duplicate_iou": cfg.duplicate_iou,
+        "detrkit_classes_per_query": cfg.classes_per_query,
     }
 
 
