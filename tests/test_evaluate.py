@@ -268,3 +268,39 @@ def test_evaluation_stops_when_asked():
         evaluate(model, dataset, cfg.category_ids, gt, batch_size=2, collate_fn=collate, progress=False,
                  should_stop=stop_after_first)
     assert len(asked) == 1 and model.training
+
+
+def test_a_frozen_backbone_is_evaluated_from_the_features_its_first_pass_kept():
+    """A frozen backbone's validation features never change: the first pass keeps them, later passes read
+    no image and run the transformer with its current weights, with the outputs of a full pass bit for bit."""
+    from detrkit.engine.evaluate import FeatureMemo, model_outputs
+
+    model, cfg, dataset = tiny_model_and_images()
+    reads = []
+
+    class Counted(list):
+        def __getitem__(self, i):
+            reads.append(i)
+            return list.__getitem__(self, i)
+
+    def outputs(data, memo=None):
+        return [o for o, _ in model_outputs(model, data, batch_size=3, collate_fn=collate, progress=False, memo=memo)]
+
+    memo = FeatureMemo()
+    first = outputs(Counted(dataset), memo)
+    assert memo.complete and len(reads) == len(dataset) and len(memo.batches) == 3
+    for a, b in zip(first, outputs(dataset)):
+        assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+    with torch.no_grad():  # training moves the transformer and heads, never the frozen backbone
+        model.class_embed.bias.add_(0.5)
+        model.transformer.decoder.layers[0].linear1.weight.mul_(1.1)
+    later = outputs(Counted(dataset), memo)
+    assert len(reads) == len(dataset)  # not one image read again
+    for a, b in zip(later, outputs(dataset)):
+        assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+    assert not torch.equal(later[0]["pred_logits"], first[0]["pred_logits"])
+    # a set whose features do not fit is read every time
+    small = FeatureMemo(max_bytes=1000)
+    outputs(Counted(dataset), small)
+    outputs(Counted(dataset), small)
+    assert small.overflow and not small.complete and small.batches == [] and len(reads) == 3 * len(dataset)

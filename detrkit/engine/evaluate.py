@@ -216,9 +216,36 @@ def _inference_runner(model: nn.Module, amp: str) -> nn.Module:
     return optimize_for_inference(model, torch.bfloat16 if amp == "bf16" else torch.float32)
 
 
+class FeatureMemo:
+    """A frozen backbone's features of one evaluation set, kept from the first pass over it: later passes
+    (`model_outputs(..., memo=)`) read no image and run only the transformer. On hard (200 validation
+    images, 288 px) an evaluation during training took 13 s, 10 of them in the backbone, whose weights
+    never change when it is frozen. Keeps at most `max_bytes`; a set that does not fit is evaluated
+    from its images every time."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.batches: list[tuple] = []  # (BackboneFeatures, targets) of each batch, in order
+        self.bytes = 0
+        self.complete = False  # every batch of a whole pass is here
+        self.overflow = False
+
+    def add(self, feats, targets) -> None:
+        if self.overflow:
+            return
+        self.bytes += feats.features.numel() * feats.features.element_size() + feats.mask.numel()
+        if self.bytes > self.max_bytes:
+            self.overflow, self.batches = True, []
+            log.info("evaluation: the validation set's backbone features pass %d MiB, so each evaluation reads "
+                     "its images again", self.max_bytes >> 20)
+            return
+        self.batches.append((feats, targets))
+
+
 def model_outputs(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.device = "cpu",
                   amp: str = "none", num_workers: int = 0, collate_fn: Callable | None = None,
-                  progress: bool = True, should_stop: Callable[[], bool] | None = None):
+                  progress: bool = True, should_stop: Callable[[], bool] | None = None,
+                  memo: FeatureMemo | None = None):
     """Run `model` over `dataset` (items (image [3,H,W], target dict)) in evaluation mode -> yields
     (outputs, targets) per batch: outputs pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh in [0,1].
 
@@ -226,7 +253,9 @@ def model_outputs(model: nn.Module, dataset, batch_size: int = 4, device: str | 
     its train/eval mode afterwards. Unreadable images (the collate's bad list) are logged and skipped.
     should_stop() is asked after each batch; when it says yes the pass ends with `EvaluationInterrupted`.
     Loader workers ignore SIGINT/SIGTERM: the main process decides, so a signal never ends in a
-    dead-worker traceback.
+    dead-worker traceback. memo: only for a model whose backbone does not change between the calls
+    (frozen weights and batch norm) on the same dataset: the first whole pass keeps the backbone's
+    features, later ones start from them (the same outputs, bit for bit).
     """
     if amp not in ("none", "bf16"):
         raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
@@ -238,20 +267,35 @@ def model_outputs(model: nn.Module, dataset, batch_size: int = 4, device: str | 
     was_training = model.training
     model.eval()
     runner = _inference_runner(model, amp)
+    if runner is model:  # a stand-in: no backbone of its own to keep
+        memo = None
     bad_count = 0
     try:
+        if memo is not None and memo.complete:
+            for feats, targets in tqdm(memo.batches, desc="eval", unit="batch", disable=not progress):
+                yield runner.from_features(feats), targets
+                if should_stop is not None and should_stop():
+                    raise EvaluationInterrupted("evaluation stopped by a signal")
+            return
         for images, targets, bad in tqdm(loader, desc="eval", unit="batch", disable=not progress):
             for b in bad:
                 log.warning("evaluation skips %s", b)
             bad_count += len(bad)
             if images:
                 images = [im.to(device, non_blocking=True) for im in images]
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                     enabled=amp == "bf16" and runner is model):
-                    outputs = runner(images, batch_invariant=True)
+                if memo is not None:
+                    feats = runner.features(images)
+                    memo.add(feats, targets)
+                    outputs = runner.from_features(feats)
+                else:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                         enabled=amp == "bf16" and runner is model):
+                        outputs = runner(images, batch_invariant=True)
                 yield outputs, targets
             if should_stop is not None and should_stop():
                 raise EvaluationInterrupted("evaluation stopped by a signal")
+        if memo is not None:
+            memo.complete = not memo.overflow
     finally:
         model.train(was_training)
     if bad_count:
@@ -263,13 +307,13 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
              collate_fn: Callable | None = None, results_path: str | os.PathLike | None = None,
              progress: bool = True, should_stop: Callable[[], bool] | None = None,
              evaluator_out: list | None = None, duplicate_iou: float | None = None,
-             classes_per_query: int = 1) -> dict[str, Any]:
+             classes_per_query: int = 1, memo: FeatureMemo | None = None) -> dict[str, Any]:
     """Run `model` over `dataset` (`model_outputs`) and score it -> CocoEvaluator.summarize().
     duplicate_iou, classes_per_query: the post-processing's (ModelConfig's; None and 1: the paper's).
 
     results_path: also write the result records there. should_stop: as `model_outputs` (a training run
     then saves its last state instead). evaluator_out: a list that receives the CocoEvaluator (for plots
-    from the same detections).
+    from the same detections). memo: as `model_outputs` (a frozen backbone evaluated again and again).
     """
     evaluator = CocoEvaluator(coco_gt)
     shared = set(category_ids) & set(evaluator.category_names)
@@ -281,7 +325,7 @@ def evaluate(model: nn.Module, dataset, category_ids: Sequence[int], coco_gt: di
         if not shared:
             log.warning("the model and the ground truth share no category id: every AP is -1 or 0, not a score")
     for outputs, targets in model_outputs(model, dataset, batch_size, device, amp, num_workers, collate_fn,
-                                          progress, should_stop):
+                                          progress, should_stop, memo):
         records = predictions_to_coco_results(outputs, targets, category_ids, duplicate_iou, classes_per_query)
         if unknown:
             records = [r for r in records if r["category_id"] in shared]

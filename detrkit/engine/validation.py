@@ -12,7 +12,7 @@ from torch import nn
 from ..config import ModelConfig, TrainConfig
 from ..weights.native import save_native
 from . import distributed as dist_utils
-from .evaluate import EvaluationInterrupted, evaluate
+from .evaluate import EvaluationInterrupted, FeatureMemo, evaluate
 from .run_log import RunLog
 from .state import RunState
 
@@ -35,6 +35,11 @@ class Validator:
         self.last_evaluator = None  # the CocoEvaluator of the last evaluation (for the plots)
         self.seconds = 0.0
         self.ended_at: float | None = None  # clock() at the end of the last evaluation
+        # a backbone that cannot change (no lr, frozen batch norm, no EMA drifting its last bits): its
+        # features of the validation images are computed once, and each evaluation runs the transformer
+        frozen = ((train_cfg.lr_backbone <= 0 or not model_cfg.train_backbone)
+                  and model_cfg.backbone_norm == "frozen" and train_cfg.ema_decay is None)
+        self.memo = FeatureMemo() if frozen and val_set is not None else None
 
     def due(self, epoch: int) -> bool:
         """After epoch `epoch` (1-based count of epochs done): every eval_every_epochs epochs, and under
@@ -60,7 +65,7 @@ class Validator:
                                    amp="none", num_workers=self.train_cfg.num_workers,
                                    progress=self.progress, should_stop=should_stop, evaluator_out=holder,
                                    duplicate_iou=self.model_cfg.duplicate_iou,
-                                   classes_per_query=self.model_cfg.classes_per_query)
+                                   classes_per_query=self.model_cfg.classes_per_query, memo=self.memo)
             except EvaluationInterrupted:
                 log.warning("evaluation interrupted by a signal; the run saves its training state")
                 self.seconds = self.clock() - t0

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .detr import as_batch
+from .detr import BackboneFeatures, as_batch
 from .transformer import MultiheadAttention
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,20 @@ class InferenceDETR(nn.Module):
                     images = images.contiguous(memory_format=torch.channels_last)
                 feats = m.features(images, mask)
             out = self._from_features(feats, return_attention)
+        return _to_float32(out) if self.dtype != torch.float32 else out
+
+
+    @torch.no_grad()
+    def features(self, images: Sequence[Tensor]) -> BackboneFeatures:
+        """The backbone part of `forward(images, batch_invariant=True)`: [3,H_i,W_i] images -> BackboneFeatures."""
+        with self._autocast(images[0].device):
+            return self.model.features(images, per_image=True)
+
+    @torch.no_grad()
+    def from_features(self, feats: BackboneFeatures) -> dict:
+        """The rest of `forward`: `features`' output -> the output dict (float32)."""
+        with self._autocast(feats.features.device):
+            out = self._from_features(feats, False)
         return _to_float32(out) if self.dtype != torch.float32 else out
 
 
