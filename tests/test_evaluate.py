@@ -273,7 +273,7 @@ def test_evaluation_stops_when_asked():
 def test_a_frozen_backbone_is_evaluated_from_the_features_its_first_pass_kept():
     """A frozen backbone's validation features never change: the first pass keeps them, later passes read
     no image and run the transformer with its current weights, with the outputs of a full pass bit for bit."""
-    from detrkit.engine.evaluate import FeatureMemo, model_outputs
+    from detrkit.engine.evaluate import EvaluationInterrupted, FeatureMemo, model_outputs
 
     model, cfg, dataset = tiny_model_and_images()
     reads = []
@@ -287,6 +287,11 @@ def test_a_frozen_backbone_is_evaluated_from_the_features_its_first_pass_kept():
         return [o for o, _ in model_outputs(model, data, batch_size=3, collate_fn=collate, progress=False, memo=memo)]
 
     memo = FeatureMemo()
+    with pytest.raises(EvaluationInterrupted):  # a signal during the first pass: nothing half-kept is reused
+        for _ in model_outputs(model, dataset, batch_size=3, collate_fn=collate, progress=False, memo=memo,
+                               should_stop=lambda: True):
+            pass
+    assert not memo.complete and len(memo.batches) == 1
     first = outputs(Counted(dataset), memo)
     assert memo.complete and len(reads) == len(dataset) and len(memo.batches) == 3
     for a, b in zip(first, outputs(dataset)):

@@ -241,6 +241,11 @@ class FeatureMemo:
             return
         self.batches.append((feats, targets))
 
+    def restart(self) -> None:
+        """A pass over the images begins: what an interrupted one kept is dropped (it would repeat)."""
+        if not self.overflow:
+            self.batches, self.bytes = [], 0
+
 
 def model_outputs(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.device = "cpu",
                   amp: str = "none", num_workers: int = 0, collate_fn: Callable | None = None,
@@ -277,6 +282,8 @@ def model_outputs(model: nn.Module, dataset, batch_size: int = 4, device: str | 
                 if should_stop is not None and should_stop():
                     raise EvaluationInterrupted("evaluation stopped by a signal")
             return
+        if memo is not None:
+            memo.restart()
         for images, targets, bad in tqdm(loader, desc="eval", unit="batch", disable=not progress):
             for b in bad:
                 log.warning("evaluation skips %s", b)
