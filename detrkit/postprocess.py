@@ -101,17 +101,17 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | li
     classes_per_query (ModelConfig.classes_per_query): each query gives its k best classes, each a
     detection with that class's probability and the query's box (Q*k per image); 1 is the paper's.
     """
-    if classes_per_query == 1:
+    k = min(classes_per_query, pred_logits.shape[-1] - 1)
+    if k == 1:
         scores, labels = class_scores(pred_logits)  # [B,Q]
     else:
-        k = min(classes_per_query, pred_logits.shape[-1] - 1)
         scores, labels = pred_logits.float().softmax(-1)[..., :-1].topk(k, dim=-1)  # [B,Q,k]
         scores, labels = scores.flatten(1), labels.flatten(1)  # [B,Q*k], query q's at q*k .. q*k+k-1
-    per_query = scores.shape[1] // pred_boxes.shape[1]
     sizes = torch.as_tensor(orig_sizes, dtype=torch.float32, device=pred_boxes.device).reshape(-1, 2)
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # w h w h
     boxes = box_convert(pred_boxes.float(), "cxcywh", "xyxy") * scale[:, None, :]
-    boxes = boxes.repeat_interleave(per_query, dim=1)
+    if k > 1:
+        boxes = boxes.repeat_interleave(k, dim=1)
     results = []
     for s, lab, b in zip(scores, labels, boxes):
         order = s.argsort(descending=True)
@@ -122,7 +122,7 @@ def postprocess(pred_logits: Tensor, pred_boxes: Tensor, orig_sizes: Tensor | li
         if top_k is not None:
             order = order[:top_k]
         results.append({"scores": s[order], "labels": lab[order], "boxes": b[order],
-                        "queries": order // per_query})
+                        "queries": order // k})
     return results
 
 

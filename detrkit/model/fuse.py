@@ -278,31 +278,26 @@ class InferenceDETR(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                 return_attention: bool = False, batch_invariant: bool = False) -> dict:
-        m = self.model
-        device = images.device if isinstance(images, Tensor) else images[0].device
-        with self._autocast(device):
-            if isinstance(images, (list, tuple)) and batch_invariant:
-                feats = m.features(images, mask, per_image=True)
-            else:
-                images, mask = as_batch(images, mask)
-                if self.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                feats = m.features(images, mask)
-            out = self._from_features(feats, return_attention)
-        return _to_float32(out) if self.dtype != torch.float32 else out
-
+        if isinstance(images, (list, tuple)) and batch_invariant:
+            return self.from_features(self.features(images, mask), return_attention)
+        images, mask = as_batch(images, mask)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast(images.device):
+            feats = self.model.features(images, mask)
+        return self.from_features(feats, return_attention)
 
     @torch.no_grad()
-    def features(self, images: Sequence[Tensor]) -> BackboneFeatures:
+    def features(self, images: Sequence[Tensor], mask: Tensor | None = None) -> BackboneFeatures:
         """The backbone part of `forward(images, batch_invariant=True)`: [3,H_i,W_i] images -> BackboneFeatures."""
         with self._autocast(images[0].device):
-            return self.model.features(images, per_image=True)
+            return self.model.features(images, mask, per_image=True)
 
     @torch.no_grad()
-    def from_features(self, feats: BackboneFeatures) -> dict:
-        """The rest of `forward`: `features`' output -> the output dict (float32)."""
+    def from_features(self, feats: BackboneFeatures, return_attention: bool = False) -> dict:
+        """The rest of `forward`: backbone features -> the output dict (float32)."""
         with self._autocast(feats.features.device):
-            out = self._from_features(feats, False)
+            out = self._from_features(feats, return_attention)
         return _to_float32(out) if self.dtype != torch.float32 else out
 
 
