@@ -27,8 +27,9 @@ Variants: preset (the preset as shipped, nothing overridden), base (every switch
 queries), cdn (denoising with contrastive negatives), groups (group queries), iou (IoU-aware class
 target), enc (the encoder head), hybrid (one-to-many matching in the decoder layers before the last),
 guide (guided cross-attention), all (every switch); `--set key=value` applies to every run. Each row
-records the switches as the run trained them (read back from its config.json): fit_to_data turns the
-denoising queries off on crowded images, and the row's note says so.
+records the switches as the run trained them (read back from its config.json). A switch variant trains
+its switches as named (`fit_switches: false`); only `preset` lets fit_to_data turn denoising off and
+guided cross-attention on for crowded images, as a user's run does.
 """
 from __future__ import annotations
 
@@ -217,15 +218,23 @@ def stolen_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> 
     return (end[0] - start[0]) / (end[1] - start[1])
 
 
+def variant_configs(preset: str, variant: str, sets: dict) -> tuple[ModelConfig, TrainConfig]:
+    """The preset with the variant's switches, then `--set` on top (the library's override rules: a
+    value is coerced to its field's type, `lr=5e-4` is a number)."""
+    p = get_preset(preset)
+    # a switch variant trains its switches as it names them (fit_to_data would turn denoising off and
+    # guidance on for crowded images, making base, dn, cdn and guide one run); the preset is as shipped
+    switches = VARIANTS[variant] if variant == "preset" else {**VARIANTS[variant], "fit_switches": False}
+    model_cfg, train_cfg = apply_overrides(p.model, p.train, switches, f"variant {variant}")
+    return apply_overrides(model_cfg, train_cfg, sets, "--set")
+
+
 def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, sets: dict,
             device: str = "cpu", reuse_backbone: bool = False, grid: str | None = None) -> dict:
     from detrkit.engine.train import train
 
     train_json, val_json = prepare(dataset, out / "data")
-    p = get_preset(preset)
-    # the library's own override rules: a value is coerced to its field's type (`lr=5e-4` is a number)
-    model_cfg, train_cfg = apply_overrides(p.model, p.train, VARIANTS[variant], f"variant {variant}")
-    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets, "--set")
+    model_cfg, train_cfg = variant_configs(preset, variant, sets)
     train_cfg.max_minutes = minutes
     pretrain_minutes = None
     if reuse_backbone and train_cfg.backbone_weights == "none" and (train_cfg.pretrain_steps > 0
@@ -257,7 +266,7 @@ def run_one(dataset: str, variant: str, preset: str, minutes: float, out: Path, 
         "threads": __import__("torch").get_num_threads(),
         "sets": sets, "grid": grid, "run_dir": str(run_dir), "shared_backbone_minutes": pretrain_minutes, "date": time.strftime("%Y-%m-%d %H:%M"),
         "curve": [(e["step"], round(e.get("AP50", 0.0), 3)) for e in evals],
-        # the switches as the run trained them: fit_to_data turns the denoising queries off on crowded images
+        # the switches as the run trained them (the preset's may have been changed by fit_to_data)
         "switches": {k: ran[k] for k in _OFF},
     }
     changed = [f"{k} {getattr(train_cfg, k)} -> {ran[k]}" for k in _OFF if ran[k] != getattr(train_cfg, k)]

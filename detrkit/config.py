@@ -196,6 +196,10 @@ class TrainConfig(_DictIO):
     # grow the input sizes and the query count to the training set when its objects are smaller than a
     # feature cell or more than the queries allow (engine/input_fit.py; only ever grows, never shrinks)
     fit_to_data: bool = False
+    # with fit_to_data, crowded images (more objects than the preset's queries) also turn the denoising
+    # queries off and guided cross-attention on; False keeps the switches as set (an ablation measures
+    # each switch as given, benchmarks/convergence.py)
+    fit_switches: bool = True
     # data
     # each batch of one orientation (landscape or portrait) where the order allows: a batch is padded to its
     # widest and tallest member (engine/run_data.aspect_grouped); off: the sampler's order as it is

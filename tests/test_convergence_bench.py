@@ -38,3 +38,17 @@ def test_each_switch_is_compared_with_its_own_base_at_the_end_and_mid_run(runner
 def test_rows_without_a_grid_give_no_summary(runner):
     rows = [{k: v for k, v in _row("base", 0.2, 0.4, 10, []).items() if k != "grid"}]
     assert runner.bought(rows) == ""
+
+
+def test_switch_variants_train_their_switches_as_named_and_the_preset_as_shipped(runner):
+    from detrkit.engine.input_fit import fit_to_data
+    from test_input_fit import _index
+
+    crowded = _index([28, 3])  # more objects than detr-tiny's 20 queries: the fit would change switches
+    for variant in ("base", "dn", "cdn", "guide", "all"):
+        model, train = runner.variant_configs("detr-tiny", variant, {})
+        _, ran, _ = fit_to_data(crowded, model.with_classes(["cell"], [1]), train)
+        assert {k: getattr(ran, k) for k in runner._OFF} == {k: getattr(train, k) for k in runner._OFF}, variant
+    model, train = runner.variant_configs("detr-tiny", "preset", {"eos_coef": 0.2})
+    _, ran, _ = fit_to_data(crowded, model.with_classes(["cell"], [1]), train)
+    assert train.eos_coef == 0.2 and train.dn_groups == 4 and ran.dn_groups == 0 and ran.attn_guide_coef == 1.0

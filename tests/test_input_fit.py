@@ -88,6 +88,18 @@ def test_crowded_images_train_with_guided_attention():
     assert crowded.attn_guide_coef == 2.0 and "guided" not in said
 
 
+def test_fit_switches_off_keeps_the_switches_and_still_fits_the_rest():
+    model, train = _tiny()
+    train = dataclasses.replace(train, dn_groups=4, attn_guide_coef=0.0)
+    fitted_model, fitted, _ = fit_to_data(_index([28, 3]), model, train)
+    kept_model, kept, said = fit_to_data(_index([28, 3]), model, dataclasses.replace(train, fit_switches=False))
+    assert (kept.dn_groups, kept.attn_guide_coef) == (4, 0.0) and (fitted.dn_groups, fitted.attn_guide_coef) == (0, 1.0)
+    assert "denoising" not in said and "guided" not in said
+    # the queries, input size and no-object weight are fitted as before
+    assert kept_model == fitted_model and kept.eos_coef == fitted.eos_coef > train.eos_coef
+    assert "queries 20 -> 40" in said
+
+
 def test_one_class_data_pretrains_without_the_box_target():
     model, train = _tiny()
     assert train.pretrain_box_coef > 0
