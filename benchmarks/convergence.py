@@ -21,6 +21,10 @@ Held out (never used to choose a setting; run them to check a change, not to tun
   other     `detrkit data synth --variant other` (3 other shapes: diamond, ring, hexagon; 160-288 px
             images, up to 6 objects of 10-65% of the shorter side; 2000 train / 200 val, seed 7)
   other-one `other` with its three shapes merged into one class: one-class data nobody tuned for
+  other-crowd `other`'s shapes, up to 30 per image (6-22% of the shorter side of 224-320 px images):
+            crowded (more objects than the preset's queries), 2000 / 200 images, seed 11
+  hard-crowd `hard` with up to 24 objects of 10-60 px: crowded, any-polarity colours, distractor
+            lines; 2000 / 200 images, seed 13
   coco128   COCO photos from ../shared/data/coco128 ($DETRKIT_COCO128): 80 classes, crowd regions;
             a fixed seeded hold-out of 20% of the 128 images is the validation split
 Variants: preset (the preset as shipped, nothing overridden), base (every switch off), dn (denoising
@@ -67,7 +71,7 @@ VARIANTS: dict[str, dict] = {
 THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
 SHARED_COCO128 = Path(os.environ.get("DETRKIT_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
-DATASETS = ("hard", "bccd", "bccd-rbc", "main", "other", "other-one", "coco128")
+DATASETS = ("hard", "bccd", "bccd-rbc", "main", "other", "other-one", "other-crowd", "hard-crowd", "coco128")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -124,6 +128,14 @@ def prepare(name: str, data_root: Path, bccd: Path = SHARED_BCCD) -> tuple[Path,
         from detrkit.data.synthetic import make_synthetic_splits
 
         return make_synthetic_splits(out, train=2000, val=200, seed=7, variant="other", image_size=(160, 288))
+    if name in ("other-crowd", "hard-crowd"):  # held out: crowded images no setting was chosen on
+        from detrkit.data.synthetic import make_synthetic_splits
+
+        if name == "other-crowd":
+            return make_synthetic_splits(out, train=2000, val=200, seed=11, variant="other", image_size=(224, 320),
+                                         max_objects=30, object_size=(0.06, 0.22))
+        return make_synthetic_splits(out, train=2000, val=200, seed=13, variant="hard", max_objects=24,
+                                     object_size=(10, 60))
     if name == "other-one":  # held out too: `other` with its three shapes as one class "shape"
         return tuple(_one_class(src, dst) for src, dst in zip(prepare("other", data_root), (train_json, val_json)))
     if name == "coco128":
