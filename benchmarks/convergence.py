@@ -31,9 +31,7 @@ Variants: preset (the preset as shipped, nothing overridden), base (every switch
 queries), cdn (denoising with contrastive negatives), groups (group queries), iou (IoU-aware class
 target), enc (the encoder head), hybrid (one-to-many matching in the decoder layers before the last),
 guide (guided cross-attention), all (every switch); `--set key=value` applies to every run. Each row
-records the switches as the run trained them (read back from its config.json). A switch variant trains
-its switches as named (`fit_switches: false`); only `preset` lets fit_to_data turn denoising off and
-guided cross-attention on for crowded images, as a user's run does.
+records the switches as the run trained them (read back from its config.json).
 """
 from __future__ import annotations
 
@@ -234,10 +232,9 @@ def variant_configs(preset: str, variant: str, sets: dict) -> tuple[ModelConfig,
     """The preset with the variant's switches, then `--set` on top (the library's override rules: a
     value is coerced to its field's type, `lr=5e-4` is a number)."""
     p = get_preset(preset)
-    # a switch variant trains its switches as it names them (fit_to_data would turn denoising off and
-    # guidance on for crowded images, making base, dn, cdn and guide one run); the preset is as shipped
-    switches = VARIANTS[variant] if variant == "preset" else {**VARIANTS[variant], "fit_switches": False}
-    model_cfg, train_cfg = apply_overrides(p.model, p.train, switches, f"variant {variant}")
+    # fit_to_data leaves every switch as set (it sizes the input, queries and no-object weight), so a
+    # variant trains its switches as it names them
+    model_cfg, train_cfg = apply_overrides(p.model, p.train, VARIANTS[variant], f"variant {variant}")
     return apply_overrides(model_cfg, train_cfg, sets, "--set")
 
 

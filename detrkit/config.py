@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 DEFAULT_PRESET = "detr-tiny"
 
@@ -47,13 +47,18 @@ def _check_sizes(cfg: Any, name: str, count: int | None = None) -> None:
 
 
 class _DictIO:
-    """to_dict / from_dict for a config dataclass; unknown keys are an error, not silently dropped."""
+    """to_dict / from_dict for a config dataclass; unknown keys are an error, not silently dropped.
+    Retired keys (`_retired`: fields that no longer change anything) are dropped so older config.json
+    files and checkpoints still load."""
+
+    _retired: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        d = {k: v for k, v in d.items() if k not in cls._retired}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
@@ -147,6 +152,9 @@ class ModelConfig(_DictIO):
 class TrainConfig(_DictIO):
     """A training run. Defaults are the paper's recipe (lr 1e-4, backbone 1e-5, batch 2 per GPU, AdamW)."""
 
+    # fit_switches (2026-12-06): the fit no longer changes switches, so the field went
+    _retired: ClassVar[frozenset[str]] = frozenset({"fit_switches"})
+
     # AdamW learning rates of the transformer and heads, and of the backbone (<= 0: frozen)
     lr: float = 1e-4; lr_backbone: float = 1e-5  # noqa: E702
     weight_decay: float = 1e-4
@@ -196,10 +204,6 @@ class TrainConfig(_DictIO):
     # grow the input sizes and the query count to the training set when its objects are smaller than a
     # feature cell or more than the queries allow (engine/input_fit.py; only ever grows, never shrinks)
     fit_to_data: bool = False
-    # with fit_to_data, crowded images (more objects than the preset's queries) also turn the denoising
-    # queries off and guided cross-attention on; False keeps the switches as set (an ablation measures
-    # each switch as given, benchmarks/convergence.py)
-    fit_switches: bool = True
     # data
     # each batch of one orientation (landscape or portrait) where the order allows: a batch is padded to its
     # widest and tallest member (engine/run_data.aspect_grouped); off: the sampler's order as it is
@@ -346,8 +350,9 @@ PRESETS: dict[str, Preset] = {
             # the encoder head (Co-DETR's auxiliary head): main job, 15 min on one 2-core Xeon, AP 0.306 (AP50
             # 0.627) against 0.246 (0.529) without it; AP50 0.365 / 0.559 at steps 1000 / 2000 against 0.289 / 0.540
             enc_aux_coef=1.0,
-            # guided cross-attention (attn_guide_coef) is turned on by the fit on crowded images only
-            # (engine/input_fit.py): it bought nothing where the queries fit (main job, a held-out one-class set)
+            # guided cross-attention (attn_guide_coef) stays off: it bought nothing where the queries fit (main
+            # job, a held-out one-class set), and on crowded images denoising without it did as well
+            # (engine/input_fit.py)
         ),
         "ResNet-18 (pretrained to name and place boxes in crops of the training set, frozen), width 128, 2+3 layers, 20 queries, "
         "128-160 px, denoising queries and an encoder head in training: the CPU default of the main job",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from detrkit.config import get_preset
+from detrkit.config import TrainConfig, get_preset
 from detrkit.data.index import Annotation, DatasetIndex, ImageRecord
 from detrkit.engine.input_fit import MAX_UPSCALE, SIZE_STEP, fit_input, fit_to_data
 
@@ -68,36 +68,25 @@ def test_crowded_images_get_more_queries():
     assert fit_input(_index([500]), model).num_queries == 100  # capped
 
 
-def test_crowded_images_train_without_denoising_queries():
+def test_crowded_images_keep_the_switches_as_set():
+    """The fit sizes the input, the queries and the no-object weight; the convergence switches are the
+    preset's or the user's, crowded or not (denoising without guidance did as well on crowded sets)."""
     model, train = _tiny()
-    train = dataclasses.replace(train, dn_groups=4)
-    _, crowded, said = fit_to_data(_index([28, 3]), model, train)
-    assert crowded.dn_groups == 0 and "denoising queries off (each of the 4 groups would repeat up to 28" in said
-    _, sparse, said = fit_to_data(_index([16, 3]), model, train)  # 16 objects fit the 20 queries
-    assert sparse.dn_groups == 4 and "denoising" not in said
+    for dn_groups, guide in ((4, 0.0), (0, 0.0), (4, 2.0)):
+        given = dataclasses.replace(train, dn_groups=dn_groups, attn_guide_coef=guide)
+        fitted_model, fitted, said = fit_to_data(_index([28, 3]), model, given)
+        assert fitted_model.num_queries == 40 and fitted.eos_coef > given.eos_coef  # the rest is fitted
+        assert (fitted.dn_groups, fitted.attn_guide_coef) == (dn_groups, guide)
+        assert "denoising" not in said and "guided" not in said
 
 
-def test_crowded_images_train_with_guided_attention():
-    model, train = _tiny()
-    _, crowded, said = fit_to_data(_index([28, 3]), model, train)
-    assert train.attn_guide_coef == 0 and crowded.attn_guide_coef == 1.0 and "guided cross-attention on" in said
-    _, sparse, said = fit_to_data(_index([16, 3]), model, train)
-    assert sparse.attn_guide_coef == 0 and "guided" not in said
-    stronger = dataclasses.replace(train, attn_guide_coef=2.0)  # a user's own weight is kept
-    _, crowded, said = fit_to_data(_index([28, 3]), model, stronger)
-    assert crowded.attn_guide_coef == 2.0 and "guided" not in said
-
-
-def test_fit_switches_off_keeps_the_switches_and_still_fits_the_rest():
-    model, train = _tiny()
-    train = dataclasses.replace(train, dn_groups=4, attn_guide_coef=0.0)
-    fitted_model, fitted, _ = fit_to_data(_index([28, 3]), model, train)
-    kept_model, kept, said = fit_to_data(_index([28, 3]), model, dataclasses.replace(train, fit_switches=False))
-    assert (kept.dn_groups, kept.attn_guide_coef) == (4, 0.0) and (fitted.dn_groups, fitted.attn_guide_coef) == (0, 1.0)
-    assert "denoising" not in said and "guided" not in said
-    # the queries, input size and no-object weight are fitted as before
-    assert kept_model == fitted_model and kept.eos_coef == fitted.eos_coef > train.eos_coef
-    assert "queries 20 -> 40" in said
+def test_config_files_with_the_retired_fit_switches_key_still_load():
+    """config.json and checkpoints of 2026-12-06 carry `fit_switches`; it no longer changes anything."""
+    _, train = _tiny()
+    loaded = TrainConfig.from_dict({**train.to_dict(), "fit_switches": False})
+    assert loaded == train and "fit_switches" not in loaded.to_dict()
+    with pytest.raises(ValueError, match="unknown TrainConfig keys: \\['fit_switchez'\\]"):
+        TrainConfig.from_dict({**train.to_dict(), "fit_switchez": False})
 
 
 def test_one_class_data_pretrains_without_the_box_target():

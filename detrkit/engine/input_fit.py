@@ -16,18 +16,17 @@ applied to the annotations before anything is built:
     that predicts "cell" at a fixed place on every image scores 0.87 -- the constant answer BCCD's red
     cells got stuck in (every query the same box on every image, each at 0.85-0.9). The weight is
     raised only when the balance is off by more than EOS_TOLERANCE;
-  * when the queries had to grow (crowded images), the denoising queries (dn_groups) go: each group
-    repeats every object of the image, so on BCCD (up to 28 cells, 40 queries) two groups more than
-    doubled the decoder's queries and the step's time. 15 float32 minutes on BCCD: AP50 0.223 with
-    them (823 steps), 0.321 without (1145 steps);
-  * when the queries had to grow (crowded images), the decoder's cross-attention is guided
-    (attn_guide_coef, engine/convergence.py): on touching cells a fixed tiling of boxes is a good
-    enough answer that a fresh decoder, which reads the image average, settles in it while its class
-    head waits at chance. 15 float32 minutes: BCCD-RBC AP50 0.520 and 0.410 guided against 0.296 and 0.335,
-    BCCD 0.524 after 1864 steps (0.234 at step 420 against 0.02-0.13). Where the queries fit, it
-    bought nothing: the main job AP 0.293 after 2253 steps (0.275 after 2335 without), and a one-class
-    set nobody tuned for (`other-one`) AP50 0.522 against 0.551. `TrainConfig.fit_switches=False`
-    leaves both switches as set (the ablation benchmark measures each switch as it names it);
+  * the convergence switches stay as the preset sets them, crowded images too. Until the twenty-fifth
+    session crowded images turned the denoising queries off (two groups had more than doubled BCCD's
+    decoder queries: float32, AP50 0.223 with them, 0.321 without) and guided cross-attention on
+    (BCCD-RBC AP50 0.520 guided against 0.296 without denoising or guidance). Since the denoising part
+    has a query budget (dn_query_budget), denoising without guidance does about as well, 15 min
+    each on a 2-core AMX Xeon (AP / AP50): BCCD 0.297 / 0.582 against 0.283 / 0.559, BCCD-RBC
+    0.217 / 0.582 against 0.239 / 0.579, and two crowded sets no setting was chosen on, `other-crowd`
+    0.186 / 0.522 against 0.177 / 0.515 and `hard-crowd` 0.147 / 0.399 against 0.163 / 0.414: a wash
+    in 15 minutes (each denoising step costs ~30% more), ahead per step on each (AP50 at step 2016:
+    0.319 against 0.236 on hard-crowd, 0.357 against 0.273 on other-crowd), and one hidden change less
+    (docs/convergence.md);
   * with one class, the crop phase does not place boxes (pretrain_box_coef 0): its only class task is
     object-vs-background, and the box target then shapes the features so that DETR's class head stays
     at chance for longer. BCCD-RBC, 15 float32 minutes: AP50 0.069 with it (2 runs stuck, the head at
@@ -54,7 +53,6 @@ from .preflight import feature_stride, object_sides, queries_for
 TARGET_CELLS = 1.5  # the median object's side, in feature cells, that the input is grown to
 MAX_UPSCALE = 2.0
 MAX_QUERIES = 100
-GUIDE_COEF = 1.0  # attn_guide_coef on crowded images
 SIZE_STEP = 16  # input sizes stay multiples of this
 NO_OBJECT_BALANCE = 0.1 * (100 - 7.3) / 7.3  # the paper's weighted empty slots per matched one (COCO)
 EOS_TOLERANCE = 2.0
@@ -73,16 +71,12 @@ class InputFit:
     stride: int
     eos_coef: float = 0.1
     mean_objects: float = 0.0
-    dn_off: bool = False  # crowded images: no denoising queries
     one_class: bool = False  # the crop phase places no boxes
 
     def apply(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
-        dn_groups = 0 if self.dn_off else train_cfg.dn_groups
         box_coef = 0.0 if self.one_class else train_cfg.pretrain_box_coef
-        guide = max(GUIDE_COEF, train_cfg.attn_guide_coef) if self.dn_off else train_cfg.attn_guide_coef
         if (self.scale == 1.0 and self.num_queries == model_cfg.num_queries and self.eos_coef == train_cfg.eos_coef
-                and dn_groups == train_cfg.dn_groups and box_coef == train_cfg.pretrain_box_coef
-                and guide == train_cfg.attn_guide_coef):
+                and box_coef == train_cfg.pretrain_box_coef):
             return model_cfg, train_cfg
         size = self._size
         model_cfg = dataclasses.replace(model_cfg, image_size=size(model_cfg.image_size),
@@ -91,15 +85,15 @@ class InputFit:
             train_cfg, train_scales=sorted({size(s) for s in train_cfg.train_scales}),
             train_max_size=size(train_cfg.train_max_size),
             crop_resize=sorted({size(s) for s in train_cfg.crop_resize}),
-            crop_size=[size(s) for s in train_cfg.crop_size], eos_coef=self.eos_coef, dn_groups=dn_groups,
-            pretrain_box_coef=box_coef, attn_guide_coef=guide)
+            crop_size=[size(s) for s in train_cfg.crop_size], eos_coef=self.eos_coef,
+            pretrain_box_coef=box_coef)
         return model_cfg, train_cfg
 
     def _size(self, px: int) -> int:
         return px if self.scale == 1.0 else max(SIZE_STEP, int(round(px * self.scale / SIZE_STEP)) * SIZE_STEP)
 
-    def describe(self, before: ModelConfig, after: ModelConfig, eos_before: float = 0.1, dn_before: int = 0,
-                 box_coef_before: float = 0.0, guide_before: float = 0.0) -> str:
+    def describe(self, before: ModelConfig, after: ModelConfig, eos_before: float = 0.1,
+                 box_coef_before: float = 0.0) -> str:
         """One sentence on what changed and why ('' when nothing did)."""
         parts = []
         if after.image_size != before.image_size:
@@ -112,11 +106,6 @@ class InputFit:
         if self.eos_coef != eos_before:
             parts.append(f"no-object weight {eos_before:g} -> {self.eos_coef:g} ({self.mean_objects:.1f} objects per "
                          f"image in {after.num_queries} queries)")
-        if self.dn_off and dn_before:
-            parts.append(f"denoising queries off (each of the {dn_before} groups would repeat up to {self.max_objects} "
-                         "objects)")
-        if self.dn_off and guide_before < GUIDE_COEF:
-            parts.append("guided cross-attention on (crowded: a fresh decoder settles in one fixed box per query)")
         if self.one_class and box_coef_before:
             parts.append("the crop phase places no boxes (one class: the box target kept DETR's class head at "
                          "chance for longer)")
@@ -135,14 +124,13 @@ def fit_input(index: DatasetIndex, model_cfg: ModelConfig, eos_coef: float = 0.1
     per_image = Counter(a.image_id for a in index.annotations if not a.iscrowd)
     most = max(per_image.values(), default=0)
     queries = model_cfg.num_queries
-    crowded = most * 1.2 > queries
-    if crowded:
+    if most * 1.2 > queries:  # crowded
         queries = max(queries, min(MAX_QUERIES, queries_for(most)))  # never fewer than the preset's
     mean = sum(per_image.values()) / max(1, len(index.images))
     balanced = min(1.0, NO_OBJECT_BALANCE * mean / (queries - mean)) if queries > mean else 1.0
     if balanced > EOS_TOLERANCE * eos_coef:
         eos_coef = round(balanced, 2)
-    return InputFit(scale, queries, median if math.isfinite(median) else 0.0, most, stride, eos_coef, mean, crowded,
+    return InputFit(scale, queries, median if math.isfinite(median) else 0.0, most, stride, eos_coef, mean,
                     one_class=len(index.class_names) == 1)
 
 
@@ -153,8 +141,5 @@ def fit_to_data(index: DatasetIndex, model_cfg: ModelConfig,
     if not train_cfg.fit_to_data:
         return model_cfg, train_cfg, ""
     fit = fit_input(index, model_cfg, train_cfg.eos_coef)
-    if not train_cfg.fit_switches:
-        fit = dataclasses.replace(fit, dn_off=False)
     new_model, new_train = fit.apply(model_cfg, train_cfg)
-    return new_model, new_train, fit.describe(model_cfg, new_model, train_cfg.eos_coef, train_cfg.dn_groups,
-                                              train_cfg.pretrain_box_coef, train_cfg.attn_guide_coef)
+    return new_model, new_train, fit.describe(model_cfg, new_model, train_cfg.eos_coef, train_cfg.pretrain_box_coef)
