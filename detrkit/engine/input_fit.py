@@ -24,9 +24,9 @@ applied to the annotations before anything is built:
     each on a 2-core AMX Xeon (AP / AP50): BCCD 0.297 / 0.582 against 0.283 / 0.559, BCCD-RBC
     0.217 / 0.582 against 0.239 / 0.579, and two crowded sets no setting was chosen on, `other-crowd`
     0.186 / 0.522 against 0.177 / 0.515 and `hard-crowd` 0.147 / 0.399 against 0.163 / 0.414: a wash
-    in 15 minutes (each denoising step costs ~30% more), ahead per step on each (AP50 at step 2016:
-    0.319 against 0.236 on hard-crowd, 0.357 against 0.273 on other-crowd), and one hidden change less
-    (docs/convergence.md);
+    in 15 minutes (a denoising step costs ~30% more). Guidance starts faster (AP50 at step 504: 0.084
+    against 0.006 on hard-crowd), denoising is ahead from ~1500-2500 steps (at 2016: 0.319 against
+    0.236; BCCD-RBC at 2520: 0.482 against 0.445), so the fit no longer changes them (docs/convergence.md);
   * with one class, the crop phase does not place boxes (pretrain_box_coef 0): its only class task is
     object-vs-background, and the box target then shapes the features so that DETR's class head stays
     at chance for longer. BCCD-RBC, 15 float32 minutes: AP50 0.069 with it (2 runs stuck, the head at
