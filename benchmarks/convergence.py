@@ -70,6 +70,11 @@ THRESHOLDS = (0.3, 0.5)
 SHARED_BCCD = Path(os.environ.get("DETRKIT_BCCD", ROOT.parent / "shared" / "data" / "bccd"))
 SHARED_COCO128 = Path(os.environ.get("DETRKIT_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
 DATASETS = ("hard", "bccd", "bccd-rbc", "main", "other", "other-one", "other-crowd", "hard-crowd", "coco128")
+# the crowded held-out sets: make_synthetic's options (more objects than detr-tiny's 20 queries)
+CROWDED = {
+    "other-crowd": dict(seed=11, variant="other", image_size=(224, 320), max_objects=30, object_size=(0.06, 0.22)),
+    "hard-crowd": dict(seed=13, variant="hard", max_objects=24, object_size=(10, 60)),
+}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -126,14 +131,10 @@ def prepare(name: str, data_root: Path, bccd: Path = SHARED_BCCD) -> tuple[Path,
         from detrkit.data.synthetic import make_synthetic_splits
 
         return make_synthetic_splits(out, train=2000, val=200, seed=7, variant="other", image_size=(160, 288))
-    if name in ("other-crowd", "hard-crowd"):  # held out: crowded images no setting was chosen on
+    if name in CROWDED:  # held out: crowded images no setting was chosen on
         from detrkit.data.synthetic import make_synthetic_splits
 
-        if name == "other-crowd":
-            return make_synthetic_splits(out, train=2000, val=200, seed=11, variant="other", image_size=(224, 320),
-                                         max_objects=30, object_size=(0.06, 0.22))
-        return make_synthetic_splits(out, train=2000, val=200, seed=13, variant="hard", max_objects=24,
-                                     object_size=(10, 60))
+        return make_synthetic_splits(out, train=2000, val=200, **CROWDED[name])
     if name == "other-one":  # held out too: `other` with its three shapes as one class "shape"
         return tuple(_one_class(src, dst) for src, dst in zip(prepare("other", data_root), (train_json, val_json)))
     if name == "coco128":
